@@ -1,0 +1,119 @@
+"""Region priors: where a lesion may appear, as data relative to the lung bounding box.
+
+A prior is a box in lung-box units (0..1 spans the union lung box; values beyond it reach
+outside, and are clipped to the image) plus whether the region is the columns *inside* that
+box or the columns *outside* it, within its rows. The paper's priors are:
+
+* Effusion: lower half of the lung box.
+* Pneumothorax: upper half of the lung box.
+* Subcutaneous emphysema: everything outside the lung box's columns, from the box top down
+  to the image bottom.
+
+`cxr-sweep prior` derives such a prior from one annotated X-ray; trials read it from YAML.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ._registry import Registry
+
+__all__ = ["DEFAULT_PRIORS", "PRIORS", "RegionPrior", "create_prior", "prior_table", "region_masks"]
+
+
+class RegionPrior(BaseModel):
+    """A lesion region relative to the lung box: rows ``y``, columns ``x``, inside or outside them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    x: tuple[float, float] = Field((0.0, 1.0), description="Column band [x0, x1] in lung-box widths.")
+    y: tuple[float, float] = Field((0.0, 1.0), description="Row band [y0, y1] in lung-box heights (inf ok).")
+    columns: Literal["inside", "outside"] = Field(
+        "inside", description="Region = the x band (inside) or every column but the x band (outside)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RegionPrior:
+        for name, (lo, hi) in (("x", self.x), ("y", self.y)):
+            if math.isnan(lo) or math.isnan(hi) or not lo < hi:
+                raise ValueError(f"{name} band must satisfy {name}0 < {name}1, got [{lo}, {hi}]")
+        return self
+
+
+PRIORS: Registry[RegionPrior] = Registry("region prior")
+
+
+@PRIORS.register("lower_lung")
+def _lower_lung() -> RegionPrior:
+    return RegionPrior(x=(0.0, 1.0), y=(0.5, 1.0), columns="inside")
+
+
+@PRIORS.register("upper_lung")
+def _upper_lung() -> RegionPrior:
+    return RegionPrior(x=(0.0, 1.0), y=(0.0, 0.5), columns="inside")
+
+
+@PRIORS.register("outside_lung_columns")
+def _outside_lung_columns() -> RegionPrior:
+    return RegionPrior(x=(0.0, 1.0), y=(0.0, math.inf), columns="outside")
+
+
+@PRIORS.register("whole_lung")
+def _whole_lung() -> RegionPrior:
+    return RegionPrior(x=(0.0, 1.0), y=(0.0, 1.0), columns="inside")
+
+
+def create_prior(name: str) -> RegionPrior:
+    return PRIORS.create(name)
+
+
+DEFAULT_PRIORS: dict[str, RegionPrior] = {
+    "Effusion": create_prior("lower_lung"),
+    "Pneumothorax": create_prior("upper_lung"),
+    "Subcutaneous Emphysema": create_prior("outside_lung_columns"),
+}
+
+
+def prior_table(classes: Sequence[str], priors: Mapping[str, RegionPrior]) -> torch.Tensor:
+    """Per-class prior parameters ``(C, 6)``: x0, x1, y0, y1, outside flag, has-region flag.
+
+    Class 0 (No Finding) and classes without a prior get has-region 0, so their region is empty.
+    """
+    rows = []
+    for i, name in enumerate(classes):
+        p = priors.get(name) if i > 0 else None
+        if p is None:
+            rows.append([0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+        else:
+            y1 = min(p.y[1], 1e6)  # inf → "to the image edge" after clipping
+            rows.append([p.x[0], p.x[1], p.y[0], y1, float(p.columns == "outside"), 1.0])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def region_masks(boxes: torch.Tensor, labels: torch.Tensor, table: torch.Tensor, size: tuple[int, int]):
+    """Batched region masks ``(B, 1, H, W)`` in {0, 1} for each image's labelled class.
+
+    ``boxes`` (B, 4) lung boxes x, y, w, h in pixels at ``size``; ``labels`` (B,) class ids;
+    ``table`` from :func:`prior_table`. No Finding rows (and classes without a prior) are all zero.
+    """
+    h, w = size
+    p = table.to(boxes.device)[labels]  # (B, 6)
+    bx, by, bw, bh = boxes.float().unbind(1)  # (B,) each
+    x0 = bx + p[:, 0] * bw
+    x1 = bx + p[:, 1] * bw
+    y0 = by + p[:, 2] * bh
+    y1 = by + p[:, 3] * bh
+    xs = torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5  # pixel centres (W,)
+    ys = torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5  # (H,)
+    in_cols = (xs[None] >= x0[:, None]) & (xs[None] < x1[:, None])  # (B, W)
+    in_rows = (ys[None] >= y0[:, None]) & (ys[None] < y1[:, None])  # (B, H)
+    outside = p[:, 4].bool()[:, None]  # (B, 1)
+    cols = in_cols ^ outside  # (B, W)
+    region = in_rows[:, :, None] & cols[:, None, :]  # (B, H, W)
+    region &= p[:, 5].bool()[:, None, None]
+    return region[:, None].float()  # (B, 1, H, W)
