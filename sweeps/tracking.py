@@ -1,0 +1,133 @@
+"""MLflow logging of trials (DESIGN.md §4).
+
+A trial's run holds the full config as params, per-epoch metrics with ``step=epoch``,
+``best_val_*`` and ``test_*`` summaries, and artifacts: the resolved config, ROC and
+confusion-matrix plots, and the Grad-CAM overlay grid only for datasets marked public or
+synthetic (patient images stay on the cluster otherwise). A failed trial's run ends FAILED
+with the error in the ``error`` tag.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from trainer.config import TrialConfig
+from trainer.data.cache import SHAREABLE_ACCESS
+
+__all__ = ["TrialRun", "default_tracking_uri", "resolve_tracking_uri"]
+
+_BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
+_MAX_ERROR = 4000
+
+
+def default_tracking_uri(directory: str | Path | None = None) -> str:
+    """The embedded store: a sqlite file ``mlflow.db`` in ``directory`` (default: the cwd)."""
+    d = Path(directory or Path.cwd()).resolve()
+    return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``uri`` if given, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # keep artifacts beside the database, not in whatever the cwd happens to be
+        artifact_location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class TrialRun:
+    """One MLflow run for one trial, used as a context manager around ``run_trial``."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        *,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id = _experiment_id(self.client, experiment, tracking_uri)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        self.run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        self.run_id = self.run.info.run_id
+
+    # -- logging ----------------------------------------------------------------------------------
+    def log_config(self, cfg: TrialConfig, resolved_file: Path | None = None) -> None:
+        params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat_params().items())]
+        for i in range(0, len(params), _BATCH):
+            self.client.log_batch(self.run_id, params=params[i : i + _BATCH])
+        if resolved_file is not None and resolved_file.is_file():
+            self.client.log_artifact(self.run_id, str(resolved_file))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        self.log_metrics(metrics, step=epoch)
+
+    def log_result(self, result: dict[str, Any]) -> None:
+        summary = {k: v for k, v in result.items() if k.startswith(("best_val_", "test_"))}
+        summary["best_epoch"] = result.get("best_epoch", -1)
+        summary["epochs_run"] = result.get("epochs_run", 0)
+        self.log_metrics(summary)
+        self.log_artifacts(result.get("artifacts", []), result.get("data_access", "private"))
+
+    def log_artifacts(self, paths: Iterable[str | Path], data_access: str) -> None:
+        for p in map(Path, paths):
+            if p.name.startswith("gradcam") and data_access not in SHAREABLE_ACCESS:
+                continue  # patient images never leave the cluster unless public/synthetic
+            if p.is_file():
+                self.client.log_artifact(self.run_id, str(p), artifact_path="plots")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is None:
+            self.client.set_terminated(self.run_id, "FINISHED")
+            return
+        msg = f"{type(error).__name__}: {error}"
+        self.set_tags({"error": msg[:_MAX_ERROR], "error_type": type(error).__name__})
+        self.client.set_terminated(
+            self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        )
+
+    def __enter__(self) -> TrialRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exc)
