@@ -28,7 +28,9 @@ def test_soft_tends_to_paper_as_tau_goes_to_zero():
     cam, region = _cam_and_region()
     labels = torch.tensor([1, 0, 1, 1])
     paper = float(attention_loss(cam, region, labels, "paper", 0.5))
-    gaps = [abs(float(attention_loss(cam, region, labels, "soft", 0.5, tau)) - paper) for tau in (0.1, 0.01, 1e-4)]
+    gaps = [
+        abs(float(attention_loss(cam, region, labels, "soft", 0.5, tau)) - paper) for tau in (0.1, 0.01, 1e-4)
+    ]
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < 1e-3
 

@@ -17,7 +17,11 @@ def _oracle(model, x, target, layer):
 
 @pytest.mark.parametrize(
     ("name", "layer"),
-    [("resnet18", lambda m: m.layer4), ("pvt_v2_b0", lambda m: m.stages[-1]), ("vgg11", lambda m: m.features)],
+    [
+        ("resnet18", lambda m: m.layer4),
+        ("pvt_v2_b0", lambda m: m.stages[-1]),
+        ("vgg11", lambda m: m.features),
+    ],
 )
 def test_matches_pytorch_grad_cam(name, layer):
     torch.manual_seed(0)

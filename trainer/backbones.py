@@ -99,7 +99,7 @@ def features_to_nchw(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     if feats.ndim == 3:
         tokens = feats[:, getattr(model, "num_prefix_tokens", 0) :]  # (B, N, C)
         n = tokens.shape[1]
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         if side * side != n:
             raise BackboneError(f"cannot arrange {n} patch tokens into a square grid for Grad-CAM")
         return tokens.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], side, side)
@@ -121,7 +121,9 @@ def check_input_size(model: nn.Module, size: int, name: str = "model") -> tuple[
             model.forward_head(feats)
             fmap = features_to_nchw(model, feats)
     except Exception as e:  # timm raises assorted errors for sizes a model cannot take
-        raise BackboneError(f"model.image_size: backbone {name!r} cannot take {size}x{size} input: {e}") from e
+        raise BackboneError(
+            f"model.image_size: backbone {name!r} cannot take {size}x{size} input: {e}"
+        ) from e
     finally:
         model.train(was_training)
     return int(fmap.shape[-2]), int(fmap.shape[-1])
