@@ -139,7 +139,7 @@ def run_trial(
         first = progress.best_epoch < 0
         if first or (math.isfinite(score) and sign * score > sign * progress.best_score):
             progress.best_score, progress.best_epoch, progress.stale_epochs = score, epoch, 0
-            _atomic_save(_model_payload(model, cfg, epoch, metrics), ckpt_dir / BEST_FILE)
+            _atomic_save(_model_payload(model, cfg, size, epoch, metrics), ckpt_dir / BEST_FILE)
         else:
             progress.stale_epochs += 1
         metrics["epoch_time_s"] = time.perf_counter() - t0
@@ -354,12 +354,12 @@ def _evaluate(
     return out
 
 
-def _model_payload(model, cfg: TrialConfig, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+def _model_payload(model, cfg: TrialConfig, size: int, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "backbone": cfg.model.backbone,
         "classes": list(cfg.data.classes),
-        "image_size": cfg.model.image_size,
+        "image_size": size,
         "normalization": {"mean": 0.5, "std": 0.5},
         "epoch": epoch,
         "config": cfg.to_dict(),
