@@ -20,8 +20,8 @@ help:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "setuptools>=64" wheel
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -qq --disable-pip-version-check "setuptools>=64" wheel
+	$(BIN)/pip install -qq --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,7 +29,7 @@ venv: $(STAMP)
 # Point the shared venv's editable install at this checkout (fast when it already does).
 develop: $(STAMP)
 	@$(BIN)/python -c "import sys,trainer,pathlib; sys.exit(pathlib.Path(trainer.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
-		|| $(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+		|| $(BIN)/pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 demo: develop
 	$(BIN)/cxr-sweep demo --workdir demo-output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,21 +23,16 @@ app = typer.Typer(
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-# Errors that are the user's input, shown without a traceback (exit code 2).
-_USER_ERRORS: tuple[type[BaseException], ...] = ()
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    global _USER_ERRORS
-    if not _USER_ERRORS:
-        from trainer._registry import UnknownNameError
-        from trainer.backbones import BackboneError
-        from trainer.config import ConfigError
-        from trainer.data.cache import CacheError
-        from trainer.loop import CheckpointMismatchError
+    """Errors caused by the user's input: shown without a traceback, exit code 2."""
+    from trainer._registry import UnknownNameError
+    from trainer.backbones import BackboneError
+    from trainer.config import ConfigError
+    from trainer.data.cache import CacheError
+    from trainer.loop import CheckpointMismatchError
 
-        _USER_ERRORS = (ConfigError, CacheError, BackboneError, UnknownNameError, CheckpointMismatchError)
-    return _USER_ERRORS
+    return (ConfigError, CacheError, BackboneError, UnknownNameError, CheckpointMismatchError)
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -221,7 +215,3 @@ def demo(
     uri = default_tracking_uri(workdir)
     _train_and_log(cfg, resume=False, tracking_uri=uri, experiment="cxr-demo", use_mlflow=True)
     console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]")
-
-
-def main() -> None:  # pragma: no cover - console-script shim
-    sys.exit(app())

@@ -57,7 +57,7 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 
 
 class TrialRun:
-    """One MLflow run for one trial, used as a context manager around ``run_trial``."""
+    """One MLflow run for one trial; ``finish(error)`` ends it FINISHED, FAILED or KILLED."""
 
     def __init__(
         self,
@@ -125,9 +125,3 @@ class TrialRun:
         self.client.set_terminated(
             self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         )
-
-    def __enter__(self) -> TrialRun:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(exc)

@@ -354,7 +354,9 @@ def _evaluate(
     return out
 
 
-def _model_payload(model, cfg: TrialConfig, size: int, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+def _model_payload(
+    model, cfg: TrialConfig, size: int, epoch: int, metrics: dict[str, float]
+) -> dict[str, Any]:
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "backbone": cfg.model.backbone,
