@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from trainer.config import TrialConfig
 from trainer.data.cache import SHAREABLE_ACCESS
 
-__all__ = ["TrialRun", "default_tracking_uri", "resolve_tracking_uri"]
+__all__ = ["TrialRun", "default_tracking_uri", "experiment_id", "resolve_tracking_uri"]
 
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 _MAX_ERROR = 4000
@@ -39,7 +39,8 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts beside a sqlite store) if missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -70,7 +71,7 @@ class TrialRun:
     ) -> None:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.experiment_id = _experiment_id(self.client, experiment, tracking_uri)
+        self.experiment_id = experiment_id(self.client, experiment, tracking_uri)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id

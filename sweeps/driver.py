@@ -1,0 +1,352 @@
+"""The sweep driver: a search-space YAML → Ray Tune (OptunaSearch / random / grid, ASHA) → MLflow.
+
+``run_sweep(path)`` validates everything before any trial starts (sweep file, every searched
+value against the trial config, the dataset cache, the Ray address, the tracking server), opens
+one MLflow parent run, and runs the Tuner with retries from checkpoints. ``resume_sweep(name)``
+continues an interrupted sweep (``Tuner.restore``) without re-running finished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from trainer.config import ConfigError
+from trainer.data.cache import open_cache
+
+from .space import SweepSpec, load_sweep, optuna_space, ray_param_space
+from .tracking import default_tracking_uri
+
+__all__ = ["SPEC_FILE", "SweepOutcome", "resume_sweep", "run_sweep", "sweep_dir", "sweep_rows"]
+
+SPEC_FILE = "cxr_sweep.json"  # the resolved sweep, saved beside Ray's experiment state
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    path: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    metrics_logged: int
+
+
+def sweep_dir(spec: SweepSpec) -> str:
+    return f"{spec.storage_path.rstrip('/')}/{spec.name}"
+
+
+# ---- checks that run before any trial ---------------------------------------------------------------
+def resolve_sweep_tracking_uri(spec: SweepSpec) -> str:
+    if spec.mlflow.tracking_uri:
+        return spec.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in spec.storage_path:
+        raise ConfigError(
+            "mlflow.tracking_uri: required when storage_path is remote (set it or MLFLOW_TRACKING_URI)"
+        )
+    Path(spec.storage_path).mkdir(parents=True, exist_ok=True)
+    return default_tracking_uri(spec.storage_path)
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast (seconds, no retry storm) when the tracking server cannot be reached or refuses us."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    req = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        import base64
+
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise ConfigError(
+                f"mlflow.tracking_uri: {uri} refused the credentials (HTTP {e.code}); "
+                "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise ConfigError(f"mlflow.tracking_uri: {uri} answered HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ConfigError(f"mlflow.tracking_uri: tracking server {uri} is unreachable: {e}") from None
+
+
+def check_ray_address(address: str | None) -> None:
+    """A quick TCP probe of ``host:port`` / ``ray://host:port`` so a wrong address fails in seconds."""
+    if address in (None, "", "auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port or (10001 if parsed.scheme == "ray" else 6379)
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--address: Ray cluster at {address} is unreachable: {e}") from None
+
+
+def _check_cache(spec: SweepSpec) -> None:
+    from trainer.tasks import classes_for
+
+    trial = spec.trial
+    open_cache(trial["data"]["cache"], classes=classes_for(trial["data"]["task"]), verify=False)
+
+
+# ---- MLflow parent run ------------------------------------------------------------------------------
+def _parent_run(uri: str, spec: SweepSpec, space_file: str | None) -> tuple[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import experiment_id
+
+    client = MlflowClient(uri)
+    exp_id = experiment_id(client, spec.experiment, uri)
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`cxr.kind` = 'sweep' and tags.`cxr.sweep_dir` = '{sweep_dir(spec)}'",
+        max_results=1,
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return exp_id, found[0].info.run_id
+    tags = {
+        "cxr.kind": "sweep",
+        "cxr.sweep_dir": sweep_dir(spec),
+        "cxr.search_space_file": space_file or "",
+        "cxr.git_commit": _git_commit(space_file),
+    }
+    run = client.create_run(exp_id, run_name=spec.name, tags=tags)
+    for key, value in {
+        "search.algorithm": spec.search.algorithm,
+        "search.seed": spec.search.seed,
+        "scheduler": spec.scheduler.type,
+        "num_samples": spec.num_samples,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "resources.cpu": spec.resources.cpu,
+        "resources.gpu": spec.resources.gpu,
+        "max_failures": spec.max_failures,
+        "params": ", ".join(spec.params),
+    }.items():
+        client.log_param(run.info.run_id, key, str(value))
+    return exp_id, run.info.run_id
+
+
+def _git_commit(space_file: str | None) -> str:
+    where = Path(space_file).resolve().parent if space_file else Path.cwd()
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---- the Tuner ---------------------------------------------------------------------------------------
+def _init_ray(address: str | None, spec: SweepSpec) -> None:
+    import ray
+
+    # JSON/CSV result files are added explicitly; no TensorBoard files (MLflow is the record)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if ray.is_initialized():
+        return
+    if address in (None, "", "local"):
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
+
+
+def _tuner(spec: SweepSpec, callbacks: list, restore: bool):
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .trainable import sweep_trainable
+
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trainable, spec=spec.model_dump()),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    if restore:
+        return tune.Tuner.restore(sweep_dir(spec), trainable=trainable, resume_errored=True)
+    epochs = int(spec.trial["train"]["epochs"])
+    if spec.scheduler.type == "asha":
+        # ASHA stops a trial once it reaches max_t; one beyond the last epoch lets a trial that
+        # trains all its epochs finish its test evaluation and final report.
+        scheduler = ASHAScheduler(
+            time_attr="epochs_done",
+            max_t=(spec.scheduler.max_t or epochs) + 1,
+            grace_period=min(spec.scheduler.grace_period, epochs),
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    param_space: dict[str, Any] = {}
+    search_alg = None
+    if spec.search.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(
+            space=optuna_space(spec),
+            metric=spec.metric,
+            mode=spec.mode,
+            sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
+        )
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        param_space = ray_param_space(spec)
+        search_alg = BasicVariantGenerator(random_state=spec.search.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials,
+            metric=spec.metric,
+            mode=spec.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=spec.storage_path,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[*callbacks, JsonLoggerCallback(), CSVLoggerCallback()],
+            verbose=0,
+        ),
+    )
+
+
+def _execute(spec: SweepSpec, *, space_file: str | None, address: str | None, restore: bool) -> SweepOutcome:
+    uri = resolve_sweep_tracking_uri(spec)
+    check_tracking(uri)
+    check_ray_address(address)
+    _check_cache(spec)
+    exp_id, parent = _parent_run(uri, spec, space_file)
+    from mlflow.tracking import MlflowClient
+
+    from .mlflow_callback import MlflowSweepCallback
+
+    client = MlflowClient(uri)
+    try:
+        _init_ray(address, spec)
+        if "://" not in spec.storage_path:
+            Path(sweep_dir(spec)).mkdir(parents=True, exist_ok=True)
+            (Path(sweep_dir(spec)) / SPEC_FILE).write_text(
+                json.dumps({"spec": spec.model_dump(), "space_file": space_file}, indent=2)
+            )
+        callback = MlflowSweepCallback(uri, exp_id, parent, spec)
+        results = _tuner(spec, [callback], restore).fit()
+    except BaseException as e:
+        client.set_tag(parent, "error", f"{type(e).__name__}: {e}"[:4000])
+        client.set_terminated(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    rows = sweep_rows(results, spec)
+    done = [r for r in rows if r["state"] == "DONE"]
+    client.log_metric(parent, "trials", len(rows))
+    client.log_metric(parent, "trials_done", len(done))
+    client.log_metric(parent, "trials_failed", sum(r["state"] == "ERROR" for r in rows))
+    if done:
+        sign = 1 if spec.mode == "max" else -1
+        best = max(done, key=lambda r: (sign * r["best"], r["trial"]))
+        client.log_metric(parent, f"best_{spec.metric}", best["best"])
+        client.set_tag(parent, "cxr.best_trial", best["trial"])
+    client.set_terminated(parent, "FINISHED")
+    return SweepOutcome(
+        spec.name, sweep_dir(spec), uri, spec.experiment, parent, rows, callback.logged_metrics
+    )
+
+
+def run_sweep(space_file: str | Path, *, address: str | None = None, overrides: list[str] | None = None):
+    """Validate and run the sweep in ``space_file``; return a :class:`SweepOutcome`."""
+    spec, _ = load_sweep(space_file, overrides=overrides)
+    return _execute(spec, space_file=str(Path(space_file).resolve()), address=address, restore=False)
+
+
+def load_saved_spec(name_or_path: str, storage: str | Path | None = None) -> tuple[SweepSpec, str | None]:
+    candidates = [Path(name_or_path)]
+    if storage is not None:
+        candidates.insert(0, Path(storage) / name_or_path)
+    for d in candidates:
+        f = d / SPEC_FILE
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            return SweepSpec.model_validate(saved["spec"]), saved.get("space_file")
+    where = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"no sweep {name_or_path!r} found (looked for {SPEC_FILE} in {where}); pass --storage")
+
+
+def resume_sweep(name_or_path: str, *, storage: str | Path | None = None, address: str | None = None):
+    """Continue an interrupted sweep: finished trials are kept, unfinished and errored ones resume."""
+    spec, space_file = load_saved_spec(name_or_path, storage)
+    from ray import tune
+
+    if not tune.Tuner.can_restore(sweep_dir(spec)):
+        raise ConfigError(f"{sweep_dir(spec)}: no Ray experiment state to resume")
+    return _execute(spec, space_file=space_file, address=address, restore=True)
+
+
+def sweep_rows(results, spec: SweepSpec) -> list[dict[str, Any]]:
+    """One row per trial from a Ray ``ResultGrid``: state, searched params, best metric, GPU ids."""
+    from .space import flatten_ray_config, overrides_from_params
+    from .trainable import FINAL_KEY
+
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        if r.error is not None:
+            state = "ERROR"
+        elif m.get(FINAL_KEY):
+            state = "DONE"
+        elif m:
+            state = "STOPPED"  # by ASHA, or still running when read during a sweep
+        else:
+            state = "PENDING"
+        best = m.get(f"best_{spec.metric}", m.get(spec.metric, float("nan")))
+        rows.append(
+            {
+                "trial": str(m.get("trial_id") or (Path(r.path).name if r.path else "?")),
+                "path": r.path,
+                "state": state,
+                "params": overrides_from_params(flatten_ray_config(r.config or {})),
+                "best": float(best) if best is not None else float("nan"),
+                "epochs": int(m.get("epochs_done", 0)),
+                "gpu_ids": m.get("gpu_ids", ""),
+                "node_id": str(m.get("node_id", ""))[:8],
+                "error": str(r.error)[:200] if r.error is not None else "",
+            }
+        )
+    return rows
+
+
+def read_status(name_or_path: str, storage: str | Path | None = None):
+    """The spec and per-trial rows of a sweep, read from Ray's experiment state on storage."""
+    from ray import tune
+
+    from .trainable import sweep_trainable
+
+    spec, _ = load_saved_spec(name_or_path, storage)
+    if not tune.Tuner.can_restore(sweep_dir(spec)):
+        raise ConfigError(f"{sweep_dir(spec)}: no Ray experiment state yet")
+    tuner = tune.Tuner.restore(sweep_dir(spec), trainable=sweep_trainable)
+    return spec, sweep_rows(tuner.get_results(), spec)

@@ -1,0 +1,71 @@
+"""The Ray Tune trainable: one trial of a sweep, run by :func:`trainer.run_trial`.
+
+A plain top-level function (Ray pickles it to workers). It reports every epoch with the
+trial's checkpoint directory and resumes from ``tune.get_checkpoint()``, so a retried trial
+continues where it stopped. The GPU ids Ray assigned and the node id travel in each result;
+the driver's MLflow callback turns them into tags.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FINAL_KEY", "sweep_trainable"]
+
+FINAL_KEY = "trial_done"  # set on the last report, which carries best_val_* and test_* summaries
+
+
+def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
+    import ray
+    from ray import tune
+
+    from trainer import run_trial
+
+    from .space import SweepSpec, flatten_ray_config, trial_config_for
+
+    sweep = SweepSpec.model_validate(spec)
+    ctx = tune.get_context()
+    trial_dir = Path(ctx.get_trial_dir())
+    cfg = trial_config_for(sweep, flatten_ray_config(config), ctx.get_trial_name(), str(trial_dir / "trial"))
+    info = {
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+
+    resume_dir = None
+    checkpoint = tune.get_checkpoint()
+    scratch = Path(tempfile.mkdtemp(prefix="cxr-resume-"))
+    try:
+        if checkpoint is not None:
+            resume_dir = Path(checkpoint.to_directory(str(scratch / "checkpoint")))
+
+        def report(metrics: dict[str, float], epoch: int, checkpoint_dir: Path) -> None:
+            tune.report(
+                {**metrics, "epochs_done": epoch + 1, **info},
+                checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)),
+            )
+
+        result = run_trial(cfg, report=report, resume_from=resume_dir)
+        # The final report: summaries, plus the artifacts the driver uploads to MLflow.
+        final_dir = trial_dir / "trial" / "final"
+        shutil.rmtree(final_dir, ignore_errors=True)
+        (final_dir / "plots").mkdir(parents=True)
+        for p in map(Path, result["artifacts"]):
+            shutil.copy2(p, final_dir / "plots" / p.name)
+        shutil.copy2(cfg.output_dir / "config.resolved.yaml", final_dir / "config.resolved.yaml")
+        summary = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        summary.update(
+            {
+                sweep.metric: result[f"best_{sweep.metric}"],
+                "epochs_done": result["epochs_run"],
+                "data_access": result["data_access"],
+                FINAL_KEY: 1,
+                **info,
+            }
+        )
+        tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(final_dir)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
