@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: venv develop demo test test-fast lint format bench clean help
 
 help:
-	@echo "make demo       phantoms -> cache -> one trial, logged to demo-output/mlflow.db"
+	@echo "make demo       phantoms -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
 	@echo "make test       ruff + the whole test suite (slow tests included, as CI runs it)"
 	@echo "make test-fast  ruff + the tests not marked slow"
 	@echo "make bench      CPU benchmarks -> benchmarks/results/*.json"
@@ -28,11 +28,14 @@ venv: $(STAMP)
 
 # Point the shared venv's editable install at this checkout (fast when it already does).
 develop: $(STAMP)
-	@$(BIN)/python -c "import sys,trainer,pathlib; sys.exit(pathlib.Path(trainer.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
+	@$(BIN)/python -P -c "import sys,trainer,pathlib; sys.exit(pathlib.Path(trainer.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
 		|| $(BIN)/pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 
+# phantoms → dataset cache → the demo sweep (Optuna + ASHA) → best trials + the MLflow UI command
 demo: develop
-	$(BIN)/cxr-sweep demo --workdir demo-output
+	$(BIN)/cxr-sweep phantoms --out demo-output/phantoms --task ne --patients 150 --size 96 \
+		--cache demo-output/cache/ne --overwrite
+	$(BIN)/cxr-sweep sweep run search_spaces/demo.yaml --overwrite
 
 lint: develop
 	$(BIN)/ruff check .

@@ -237,6 +237,7 @@ def sweep_run(
         bool, typer.Option(help="One epoch per trial and at most 2 samples: a quick check.")
     ] = False,
     top: Annotated[int, typer.Option(help="Rows in the summary table.")] = 10,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished sweep of the same name.")] = False,
 ) -> None:
     """Run a sweep: every trial in Ray Tune, every trial a child run in MLflow."""
     from .driver import run_sweep
@@ -245,7 +246,7 @@ def sweep_run(
     if smoke:
         overrides = [*_SMOKE, "num_samples=1" if _is_grid(space) else "num_samples=2", *overrides]
     try:
-        outcome = run_sweep(space, address=address, overrides=overrides)
+        outcome = run_sweep(space, address=address, overrides=overrides, overwrite=overwrite)
     except _user_errors() as e:
         raise _fail(str(e)) from None
     _print_sweep(outcome.rows, outcome.name, top)

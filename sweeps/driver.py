@@ -106,21 +106,24 @@ def _check_cache(spec: SweepSpec) -> None:
 
 
 # ---- MLflow parent run ------------------------------------------------------------------------------
-def _parent_run(uri: str, spec: SweepSpec, space_file: str | None) -> tuple[str, str]:
+def _parent_run(uri: str, spec: SweepSpec, space_file: str | None, restore: bool) -> tuple[str, str]:
+    """The sweep's parent run: a new one, or (resume) the one the sweep started with."""
     from mlflow.tracking import MlflowClient
 
     from .tracking import experiment_id
 
     client = MlflowClient(uri)
     exp_id = experiment_id(client, spec.experiment, uri)
-    found = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`cxr.kind` = 'sweep' and tags.`cxr.sweep_dir` = '{sweep_dir(spec)}'",
-        max_results=1,
-    )
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return exp_id, found[0].info.run_id
+    if restore:
+        found = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`cxr.kind` = 'sweep' and tags.`cxr.sweep_dir` = '{sweep_dir(spec)}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return exp_id, found[0].info.run_id
     tags = {
         "cxr.kind": "sweep",
         "cxr.sweep_dir": sweep_dir(spec),
@@ -242,7 +245,7 @@ def _execute(spec: SweepSpec, *, space_file: str | None, address: str | None, re
     check_tracking(uri)
     check_ray_address(address)
     _check_cache(spec)
-    exp_id, parent = _parent_run(uri, spec, space_file)
+    exp_id, parent = _parent_run(uri, spec, space_file, restore)
     from mlflow.tracking import MlflowClient
 
     from .mlflow_callback import MlflowSweepCallback
@@ -277,9 +280,30 @@ def _execute(spec: SweepSpec, *, space_file: str | None, address: str | None, re
     )
 
 
-def run_sweep(space_file: str | Path, *, address: str | None = None, overrides: list[str] | None = None):
-    """Validate and run the sweep in ``space_file``; return a :class:`SweepOutcome`."""
+def run_sweep(
+    space_file: str | Path,
+    *,
+    address: str | None = None,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+) -> SweepOutcome:
+    """Validate and run the sweep in ``space_file``; return a :class:`SweepOutcome`.
+
+    A sweep of the same name already in storage is an error (resume it instead) unless
+    ``overwrite``, which deletes its Ray results (its MLflow runs stay, under the old parent).
+    """
     spec, _ = load_sweep(space_file, overrides=overrides)
+    existing = Path(sweep_dir(spec))
+    if "://" not in spec.storage_path and existing.exists():
+        if not overwrite:
+            raise ConfigError(
+                f"sweep {spec.name!r} already exists in {existing}: continue it with "
+                f"`cxr-sweep sweep resume {spec.name} --storage {spec.storage_path}`, pick another name "
+                "(--set name=...), or start over with --overwrite"
+            )
+        import shutil
+
+        shutil.rmtree(existing)
     return _execute(spec, space_file=str(Path(space_file).resolve()), address=address, restore=False)
 
 

@@ -218,7 +218,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         raise ConfigError(f"{path}: malformed YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    apply_overrides(raw, overrides or [])
+    _apply_sweep_overrides(raw, overrides or [])
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
@@ -239,6 +239,22 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         for probe in _probes(key, p):
             _validate_trial(spec.trial, probe, str(path), f"params.{key}")
     return spec, base_cfg
+
+
+def _apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """``key.sub=value`` overrides; ``params.<dotted.name>.<field>=value`` reaches into a parameter."""
+    plain = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key.startswith("params.") and sep and key.count(".") >= 2:
+            name, _, field = key.removeprefix("params.").rpartition(".")
+            params = raw.setdefault("params", {})
+            if name not in params:
+                raise ConfigError(f"override {item!r}: no searched parameter {name!r}; have {sorted(params)}")
+            params[name][field] = yaml.safe_load(value)
+        else:
+            plain.append(item)
+    apply_overrides(raw, plain)
 
 
 def _probes(key: str, p: Param) -> list[dict[str, Any]]:

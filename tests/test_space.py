@@ -1,0 +1,172 @@
+"""Sweep files: validation before any trial starts, and the searcher spaces."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from sweeps.driver import check_ray_address, check_tracking
+from sweeps.space import (
+    flatten_ray_config,
+    load_sweep,
+    optuna_space,
+    overrides_from_params,
+    trial_config_for,
+)
+from trainer.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def _write(tmp_path, **changes) -> Path:
+    raw = yaml.safe_load((ROOT / "search_spaces/demo.yaml").read_text())
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    f = tmp_path / "space.yaml"
+    f.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return f
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_spaces_validate(path):
+    spec, base = load_sweep(path)
+    assert spec.params and base.data.cache.is_absolute()
+    assert Path(spec.storage_path).is_absolute()
+
+
+def test_paper_grid_is_the_papers_grid():
+    spec, base = load_sweep(ROOT / "search_spaces/paper_grid.yaml")
+    assert spec.total_trials == 15
+    assert spec.params["attention.lambda"].values == [1.0, 0.75, 0.5, 0.25, "adaptive"]
+    assert spec.params["model.backbone"].values == ["pvt_v2_b2_li", "vgg16", "resnet50"]
+    assert base.attention.mode == "paper" and base.train.lr == 1e-5 and base.model.image_size == 224
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"num_sample": 3}, r"num_sample: unknown key"),
+        ({"scheduler__grace": 3}, r"scheduler.grace: unknown key"),
+        ({"num_samples": "many"}, r"num_samples: Input should be a valid integer"),
+        ({"resources__gpu": 1.5}, r"resources.gpu: .*whole number"),
+        ({"metric": "test_f1_macro"}, r"never select on test"),
+        (
+            {"params__attention.threshold": {"type": "uniform", "low": 0.5, "high": 1.2}},
+            r"attention.threshold",
+        ),
+        ({"params__attention.lamda": {"type": "uniform", "low": 0.1, "high": 0.2}}, r"attention.lamda"),
+        ({"params__train.lr": {"type": "gaussian", "mu": 1}}, r"params.train.lr"),
+    ],
+)
+def test_bad_sweep_files_name_the_field(tmp_path, changes, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_sweep(_write(tmp_path, **changes))
+
+
+def test_lambda_range_outside_unit_interval(tmp_path):
+    bad = {"type": "uniform", "low": 0.5, "high": 1.5}
+    with pytest.raises(
+        ConfigError, match=r"(?s)params.attention.lambda \(with attention.lambda=1.5\).*\[0, 1\]"
+    ):
+        load_sweep(_write(tmp_path, **{"params__attention.lambda": bad}))
+    bad = {"type": "lambda", "fixed": {"low": -0.2, "high": 0.5}}
+    with pytest.raises(ConfigError, match=r"attention.lambda=-0.2"):
+        load_sweep(_write(tmp_path, **{"params__attention.lambda": bad}))
+
+
+def test_grid_mixed_with_optuna_says_why_and_what_to_do(tmp_path):
+    f = _write(
+        tmp_path, **{"params__model.backbone": {"type": "grid", "values": ["resnet18", "test_resnet"]}}
+    )
+    with pytest.raises(ConfigError) as e:
+        load_sweep(f)
+    msg = str(e.value)
+    assert "model.backbone" in msg and "search.algorithm: grid" in msg and "type: choice" in msg
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: x\ntrial: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: malformed YAML"):
+        load_sweep(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_sweep(tmp_path / "none.yaml")
+
+
+def test_overrides_apply_before_validation(tmp_path):
+    spec, base = load_sweep(ROOT / "search_spaces/demo.yaml", ["trial.train.epochs=1", "num_samples=3"])
+    assert base.train.epochs == 1 and spec.num_samples == 3
+    spec, _ = load_sweep(ROOT / "search_spaces/paper_grid.yaml", ["params.model.backbone.values=[resnet18]"])
+    assert spec.params["model.backbone"].values == ["resnet18"] and spec.total_trials == 5
+    with pytest.raises(ConfigError, match="no searched parameter 'model.depth'"):
+        load_sweep(ROOT / "search_spaces/paper_grid.yaml", ["params.model.depth.values=[1]"])
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_sweep(ROOT / "search_spaces/paper_grid.yaml", ["params.model.backbone.values=[resnet5000]"])
+
+
+def test_optuna_define_by_run_space_is_conditional():
+    spec, _ = load_sweep(ROOT / "search_spaces/optuna_lambda.yaml")
+    define = optuna_space(spec)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = set()
+    for _ in range(30):
+        trial = study.ask()
+        constants = define(trial)
+        flat = {**trial.params, **constants}
+        kind = flat["attention.lambda.kind"]
+        kinds.add(kind)
+        if kind == "fixed":
+            assert "attention.lambda" in flat and "attention.lambda.slope" not in flat
+        else:
+            assert (
+                "attention.lambda" not in flat
+                and {"attention.lambda.slope", "attention.lambda.floor"} <= flat.keys()
+            )
+        cfg = trial_config_for(spec, flat, "t", "/tmp/t")  # every suggestion is a valid trial config
+        assert (cfg.attention.lambda_ == "adaptive") == (kind == "adaptive")
+        study.tell(trial, 0.5)
+    assert kinds == {"fixed", "adaptive"}
+
+
+def test_constant_adaptive_branch_reaches_the_trial():
+    spec, _ = load_sweep(ROOT / "search_spaces/demo.yaml")  # floor is a constant 0.2 there
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(20):
+        trial = study.ask()
+        constants = optuna_space(spec)(trial)
+        flat = {**trial.params, **constants}
+        if flat["attention.lambda.kind"] == "adaptive":
+            cfg = trial_config_for(spec, flat, "t", "/tmp/t")
+            assert cfg.attention.floor == 0.2 and 0.05 <= cfg.attention.slope <= 0.2
+            return
+        study.tell(trial, 0.0)
+    pytest.fail("no adaptive suggestion in 20 draws")
+
+
+def test_ray_sampled_lambda_is_flattened():
+    flat = flatten_ray_config(
+        {"attention.lambda": {"kind": "adaptive", "slope": 0.1, "floor": 0.3}, "train.lr": 1e-3}
+    )
+    assert overrides_from_params(flat) == {
+        "train.lr": 1e-3,
+        "attention.lambda": "adaptive",
+        "attention.slope": 0.1,
+        "attention.floor": 0.3,
+    }
+
+
+def test_unreachable_tracking_server_and_ray_address_fail_fast():
+    with pytest.raises(ConfigError, match="tracking server http://127.0.0.1:9 is unreachable"):
+        check_tracking("http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="Ray cluster at ray://127.0.0.1:9 is unreachable"):
+        check_ray_address("ray://127.0.0.1:9")
+    check_tracking("sqlite:////tmp/x.db")  # local stores need no probe

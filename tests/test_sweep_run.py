@@ -1,0 +1,173 @@
+"""Sweeps for real: Ray Tune on this machine with fake GPUs, MLflow on a sqlite file."""
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from sweeps.cli import app
+from sweeps.driver import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_with_fake_gpus():
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _small(cache: Path, storage: Path, **extra) -> list[str]:
+    sets = {
+        "trial.data.cache": str(cache),
+        "trial.model.image_size": "64",
+        "trial.train.batch_size": "32",
+        "storage_path": str(storage),
+        "resources.cpu": "1",
+        "resources.gpu": "0",
+        "max_concurrent_trials": "2",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def _runs(storage: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("cxr.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("cxr.kind") == "trial"]
+    return client, parents, children
+
+
+@pytest.mark.parametrize("space", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_space_runs_through_the_cli(space, ne_cache, tmp_path):
+    # the paper's backbones at 224 px are covered by test_backbones; here the grid runs tiny models
+    if space.name == "paper_grid.yaml":
+        extra = {"params.model.backbone.values": "[test_resnet]"}
+    else:
+        extra = {"trial.model.backbone": "test_resnet"}
+    args = ["sweep", "run", str(space), "--smoke"]
+    for s in _small(ne_cache, tmp_path, **extra):
+        args += ["--set", s]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    name = {"demo.yaml": "demo", "paper_grid.yaml": "paper-grid-ne", "optuna_lambda.yaml": "optuna-lambda-ne"}
+    client, parents, children = _runs(tmp_path, name[space.name])
+    expected = 5 if space.name == "paper_grid.yaml" else 2
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == expected
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags.get("error")
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert "test_f1_macro" in run.data.metrics and "test_discriminant_power" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_macro")] == [0]
+    if space.name == "paper_grid.yaml":
+        combos = {(r.data.params["model.backbone"], r.data.params["attention.lambda"]) for r in children}
+        assert {lam for _, lam in combos} == {"1.0", "0.75", "0.5", "0.25", "adaptive"}
+
+
+def test_fractional_gpus_pack_two_trials_per_gpu(ne_cache, tmp_path):
+    sets = _small(
+        ne_cache,
+        tmp_path,
+        **{
+            "resources.gpu": "0.5",
+            "resources.cpu": "0.25",
+            "max_concurrent_trials": "8",
+            "num_samples": "6",
+            "trial.model.backbone": "test_resnet",
+            "trial.train.epochs": "2",
+            "scheduler.type": "fifo",
+        },
+    )
+    outcome = run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
+    assert len(outcome.rows) == 6
+    client, _, children = _runs(tmp_path, "demo")
+    spans = [
+        (r.info.start_time, r.info.end_time, r.data.tags["ray.gpu_ids"]) for r in children
+    ]  # each trial got exactly one fake GPU (a fraction of it)
+    assert all(g in ("0", "1") for _, _, g in spans)
+    events = sorted([(s, 1, g) for s, _, g in spans] + [(e, -1, g) for _, e, g in spans])
+    load = {"0": 0, "1": 0}
+    peak = {"0": 0, "1": 0}
+    for _, d, g in events:
+        load[g] += d
+        peak[g] = max(peak[g], load[g])
+    assert max(peak.values()) == 2, peak  # 0.5 GPU each: two share a GPU, never three
+
+
+def test_eight_concurrent_trials_lose_no_metrics(ne_cache, tmp_path):
+    sets = _small(
+        ne_cache,
+        tmp_path,
+        **{
+            "resources.cpu": "0.25",
+            "max_concurrent_trials": "8",
+            "num_samples": "8",
+            "trial.model.backbone": "test_resnet",
+            "trial.train.epochs": "2",
+            "scheduler.type": "fifo",
+        },
+    )
+    outcome = run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
+    client, _, children = _runs(tmp_path, "demo")
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+    stored = 0
+    for run in children:
+        for key in run.data.metrics:
+            stored += len(client.get_metric_history(run.info.run_id, key))
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+    assert stored == outcome.metrics_logged  # every logged value is in the store: none lost
+    assert outcome.metrics_logged > 8 * 2 * 30
+
+
+def test_failed_trial_ends_failed_with_the_error(ne_cache, tmp_path):
+    sets = _small(
+        ne_cache,
+        tmp_path,
+        **{
+            "trial.model.backbone": "test_vit",
+            "trial.model.image_size": "50",  # not a multiple of the 16 px patch: fails in the trial
+            "num_samples": "1",
+            "max_failures": "0",
+        },
+    )
+    outcome = run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
+    assert [r["state"] for r in outcome.rows] == ["ERROR"]
+    _, parents, children = _runs(tmp_path, "demo")
+    (run,) = children
+    assert run.info.status == "FAILED"
+    assert "cannot take 50x50" in run.data.tags["error"]
+    assert run.data.tags["error_type"] == "BackboneError"
+    assert parents[0].data.metrics["trials_failed"] == 1
+
+
+def test_status_and_resume_of_a_finished_sweep(ne_cache, tmp_path):
+    sets = _small(ne_cache, tmp_path, **{"trial.model.backbone": "test_resnet", "num_samples": "2"})
+    runner.invoke(
+        app,
+        [
+            "sweep",
+            "run",
+            str(ROOT / "search_spaces/demo.yaml"),
+            "--smoke",
+            *[arg for s in sets for arg in ("--set", s)],
+        ],
+    )
+    status = runner.invoke(app, ["sweep", "status", "demo", "--storage", str(tmp_path)])
+    assert status.exit_code == 0, status.output
+    assert status.output.count("DONE") == 2
+    resumed = runner.invoke(app, ["sweep", "resume", "demo", "--storage", str(tmp_path)])
+    assert resumed.exit_code == 0, resumed.output
+    _, parents, children = _runs(tmp_path, "demo")
+    assert len(parents) == 1 and len(children) == 2  # nothing re-run, no duplicate runs
+    missing = runner.invoke(app, ["sweep", "status", "nope", "--storage", str(tmp_path)])
+    assert missing.exit_code == 2 and "no sweep 'nope'" in missing.output
