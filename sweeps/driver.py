@@ -165,6 +165,8 @@ def _init_ray(address: str | None, spec: SweepSpec) -> None:
     # JSON/CSV result files are added explicitly; no TensorBoard files (MLflow is the record)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # a checkpoint every epoch is the point: no "snapshotting may become a bottleneck" warnings
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
     if address in (None, "", "local"):

@@ -28,8 +28,10 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     sweep = SweepSpec.model_validate(spec)
     ctx = tune.get_context()
-    trial_dir = Path(ctx.get_trial_dir())
-    cfg = trial_config_for(sweep, flatten_ray_config(config), ctx.get_trial_name(), str(trial_dir / "trial"))
+    # Work in node-local scratch: Ray syncs the trial dir to storage in the background, and files
+    # being written there race that sync. What must persist travels in checkpoints instead.
+    scratch = Path(tempfile.mkdtemp(prefix=f"cxr-{sweep.name}-{ctx.get_trial_id()}-"))
+    cfg = trial_config_for(sweep, flatten_ray_config(config), ctx.get_trial_name(), str(scratch / "trial"))
     info = {
         "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -37,7 +39,6 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     resume_dir = None
     checkpoint = tune.get_checkpoint()
-    scratch = Path(tempfile.mkdtemp(prefix="cxr-resume-"))
     try:
         if checkpoint is not None:
             resume_dir = Path(checkpoint.to_directory(str(scratch / "checkpoint")))
@@ -49,13 +50,13 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
             )
 
         result = run_trial(cfg, report=report, resume_from=resume_dir)
-        # The final report: summaries, plus the artifacts the driver uploads to MLflow.
-        final_dir = trial_dir / "trial" / "final"
-        shutil.rmtree(final_dir, ignore_errors=True)
+        # The final report: summaries, the best model, and the files the driver uploads to MLflow.
+        final_dir = scratch / "final"
         (final_dir / "plots").mkdir(parents=True)
         for p in map(Path, result["artifacts"]):
             shutil.copy2(p, final_dir / "plots" / p.name)
-        shutil.copy2(cfg.output_dir / "config.resolved.yaml", final_dir / "config.resolved.yaml")
+        for name in ("config.resolved.yaml", "model.pt", "result.json"):
+            shutil.copy2(cfg.output_dir / name, final_dir / name)
         summary = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         summary.update(
             {
