@@ -219,7 +219,10 @@ def _tuner(spec: SweepSpec, callbacks: list, restore: bool):
         from ray.tune.search import BasicVariantGenerator
 
         param_space = ray_param_space(spec)
-        search_alg = BasicVariantGenerator(random_state=spec.search.seed)
+        # TuneConfig.max_concurrent_trials only limits a Searcher; the variant generator takes its own
+        search_alg = BasicVariantGenerator(
+            random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials or 0
+        )
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -227,7 +230,8 @@ def _tuner(spec: SweepSpec, callbacks: list, restore: bool):
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent_trials,
+            max_concurrent_trials=spec.max_concurrent_trials if spec.search.algorithm == "optuna" else None,
+            reuse_actors=spec.reuse_actors,
             metric=spec.metric,
             mode=spec.mode,
         ),

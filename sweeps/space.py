@@ -166,6 +166,9 @@ class SweepSpec(_Strict):
     mode: Literal["max", "min"] = "max"
     storage_path: str = Field("sweeps", description="Local directory or s3:// URI for Ray's results.")
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial, from its last checkpoint.")
+    reuse_actors: bool = Field(
+        True, description="Run the next trial in the finished trial's worker process (saves its start-up)."
+    )
     mlflow: MlflowConfig = MlflowConfig()
 
     @field_validator("metric")
