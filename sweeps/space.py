@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.config import ConfigError, TrialConfig, apply_overrides
+from trainer.config import ConfigError, TrialConfig, apply_overrides, format_validation_error, set_dotted
 
 __all__ = [
     "SweepSpec",
@@ -225,7 +225,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format(e, str(path))) from None
+        raise ConfigError(format_validation_error(e, str(path), "sweep file")) from None
     base = path.parent.resolve()
     storage = spec.storage_path
     if "://" not in storage and not Path(storage).is_absolute():
@@ -281,7 +281,8 @@ def _probes(key: str, p: Param) -> list[dict[str, Any]]:
 def _validate_trial(trial: dict[str, Any], overrides: dict[str, Any], source: str, where: str) -> TrialConfig:
     raw = copy.deepcopy(trial)
     try:
-        _set_dotted(raw, overrides)
+        for key, value in overrides.items():
+            set_dotted(raw, key, value)
         return TrialConfig.from_dict(raw, source=f"{source}: {where}{_describe(overrides)}")
     except ConfigError:
         raise
@@ -291,17 +292,6 @@ def _validate_trial(trial: dict[str, Any], overrides: dict[str, Any], source: st
 
 def _describe(overrides: dict[str, Any]) -> str:
     return f" (with {', '.join(f'{k}={v!r}' for k, v in overrides.items())})" if overrides else ""
-
-
-def _set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
-    for key, value in overrides.items():
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{key}: {part!r} is not a config section")
-        node[parts[-1]] = value
 
 
 def overrides_from_params(flat: dict[str, Any]) -> dict[str, Any]:
@@ -326,7 +316,8 @@ def trial_config_for(spec: SweepSpec, flat_params: dict[str, Any], name: str, ou
     """The full trial config of one suggestion."""
     raw = copy.deepcopy(spec.trial)
     raw["name"], raw["output_dir"] = name, output_dir
-    _set_dotted(raw, overrides_from_params(flat_params))
+    for key, value in overrides_from_params(flat_params).items():
+        set_dotted(raw, key, value)
     return TrialConfig.from_dict(raw, source=f"sweep {spec.name}")
 
 
@@ -412,14 +403,3 @@ class OptunaSpace:
                     else:
                         constants[f"{key}.{n}"] = r
         return constants
-
-
-def _format(e: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid sweep file"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)

@@ -48,3 +48,44 @@ def tiny_config(cache: Path, out: Path, task: str = "ne", **sections) -> dict:
     for k, v in sections.items():
         cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
     return cfg
+
+
+def sweep_overrides(cache: Path, storage: Path, **extra: str) -> list[str]:
+    """``--set`` overrides that shrink a shipped sweep to this machine: 64 px, small batches."""
+    sets = {
+        "trial.data.cache": str(cache),
+        "trial.model.image_size": "64",
+        "trial.train.batch_size": "32",
+        "storage_path": str(storage),
+        "resources.cpu": "1",
+        "resources.gpu": "0",
+        "max_concurrent_trials": "2",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def sweep_runs(tracking_uri: str, experiment: str):
+    """(client, parent runs, child runs) of one sweep experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("cxr.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("cxr.kind") == "trial"]
+    return client, parents, children
+
+
+def peak_trials_per_gpu(children) -> dict:
+    """Most trial runs alive at once on each (node, GPU id), from the runs' start and end times."""
+    events = []
+    for r in children:
+        gpu = (r.data.tags["ray.node_id"], r.data.tags["ray.gpu_ids"])
+        events += [(r.info.start_time, 1, gpu), (r.info.end_time, -1, gpu)]
+    load: dict = {}
+    peak: dict = {}
+    for _, d, gpu in sorted(events):
+        load[gpu] = load.get(gpu, 0) + d
+        peak[gpu] = max(peak.get(gpu, 0), load[gpu])
+    return peak

@@ -4,9 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from sweeps.driver import run_sweep
+
+from .conftest import peak_trials_per_gpu, sweep_overrides, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -48,22 +49,12 @@ def test_trials_spread_over_nodes_and_never_oversubscribe_a_gpu(two_gpu_nodes, n
         overrides=[f"{k}={v}" for k, v in sets.items()],
     )
     assert [r["state"] for r in outcome.rows] == ["DONE"] * 6
-    client = MlflowClient(outcome.tracking_uri)
-    exp = client.get_experiment_by_name("demo")
-    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("cxr.kind") == "trial"]
+    _, _, children = sweep_runs(outcome.tracking_uri, "demo")
     assert len(children) == 6
     worker_ids = {w.node_id for w in workers}
     nodes = {r.data.tags["ray.node_id"] for r in children}
     assert nodes == worker_ids  # both GPU nodes got trials, the GPU-less head none
-    events = []
-    for r in children:
-        gpu = (r.data.tags["ray.node_id"], r.data.tags["ray.gpu_ids"])
-        events += [(r.info.start_time, 1, gpu), (r.info.end_time, -1, gpu)]
-    load: dict = {}
-    peak: dict = {}
-    for _, d, gpu in sorted(events):
-        load[gpu] = load.get(gpu, 0) + d
-        peak[gpu] = max(peak.get(gpu, 0), load[gpu])
+    peak = peak_trials_per_gpu(children)
     assert len(peak) == 2 and max(peak.values()) <= 2, peak
 
 
@@ -72,20 +63,21 @@ def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_node
     import time
 
     cluster, workers = two_gpu_nodes
-    sets = {
-        "trial.data.cache": str(ne_cache),
-        "trial.model.backbone": "test_resnet",
-        "trial.train.epochs": "8",
-        "trial.train.early_stop_patience": "8",
-        "trial.train.batch_size": "8",
-        "storage_path": str(tmp_path),
-        "resources.cpu": "0.5",
-        "resources.gpu": "1",
-        "max_concurrent_trials": "2",
-        "num_samples": "3",
-        "scheduler.type": "fifo",
-        "max_failures": "3",
-    }
+    overrides = sweep_overrides(
+        ne_cache,
+        tmp_path,
+        **{
+            "trial.model.backbone": "test_resnet",
+            "trial.train.epochs": "8",
+            "trial.train.early_stop_patience": "8",
+            "trial.train.batch_size": "8",
+            "resources.cpu": "0.5",
+            "resources.gpu": "1",
+            "num_samples": "3",
+            "scheduler.type": "fifo",
+            "max_failures": "3",
+        },
+    )
     removed = {}
 
     def remove_a_worker_once_a_trial_checkpointed_twice():
@@ -97,14 +89,11 @@ def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_node
 
     killer = threading.Thread(target=remove_a_worker_once_a_trial_checkpointed_twice, daemon=True)
     killer.start()
-    overrides = [f"{k}={v}" for k, v in sets.items()]
     outcome = run_sweep(ROOT / "search_spaces/demo.yaml", address=cluster.address, overrides=overrides)
     killer.join(timeout=5)
     assert "at" in removed
     assert [r["state"] for r in outcome.rows] == ["DONE"] * 3
-    client = MlflowClient(outcome.tracking_uri)
-    exp = client.get_experiment_by_name("demo")
-    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("cxr.kind") == "trial"]
+    client, _, children = sweep_runs(outcome.tracking_uri, "demo")
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)  # one run per trial
     for run in children:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_macro")]

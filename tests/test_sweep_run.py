@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from sweeps.cli import app
 from sweeps.driver import run_sweep
+
+from .conftest import peak_trials_per_gpu, sweep_overrides, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -25,26 +26,11 @@ def ray_with_fake_gpus():
 
 
 def _small(cache: Path, storage: Path, **extra) -> list[str]:
-    sets = {
-        "trial.data.cache": str(cache),
-        "trial.model.image_size": "64",
-        "trial.train.batch_size": "32",
-        "storage_path": str(storage),
-        "resources.cpu": "1",
-        "resources.gpu": "0",
-        "max_concurrent_trials": "2",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in sets.items()]
+    return sweep_overrides(cache, storage, **extra)
 
 
 def _runs(storage: Path, experiment: str):
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("cxr.kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("cxr.kind") == "trial"]
-    return client, parents, children
+    return sweep_runs(f"sqlite:///{storage / 'mlflow.db'}", experiment)
 
 
 @pytest.mark.parametrize("space", SHIPPED, ids=lambda p: p.name)
@@ -91,16 +77,8 @@ def test_fractional_gpus_pack_two_trials_per_gpu(ne_cache, tmp_path):
     outcome = run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
     assert len(outcome.rows) == 6
     client, _, children = _runs(tmp_path, "demo")
-    spans = [
-        (r.info.start_time, r.info.end_time, r.data.tags["ray.gpu_ids"]) for r in children
-    ]  # each trial got exactly one fake GPU (a fraction of it)
-    assert all(g in ("0", "1") for _, _, g in spans)
-    events = sorted([(s, 1, g) for s, _, g in spans] + [(e, -1, g) for _, e, g in spans])
-    load = {"0": 0, "1": 0}
-    peak = {"0": 0, "1": 0}
-    for _, d, g in events:
-        load[g] += d
-        peak[g] = max(peak[g], load[g])
+    assert all(r.data.tags["ray.gpu_ids"] in ("0", "1") for r in children)  # one (fractional) fake GPU each
+    peak = peak_trials_per_gpu(children)
     assert max(peak.values()) == 2, peak  # 0.5 GPU each: two share a GPU, never three
 
 

@@ -26,7 +26,10 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "TrialConfig",
+    "apply_overrides",
+    "format_validation_error",
     "load_config",
+    "set_dotted",
 ]
 
 
@@ -183,7 +186,7 @@ class TrialConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(_format_validation_error(e, source)) from None
+            raise ConfigError(format_validation_error(e, source)) from None
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> TrialConfig:
@@ -251,28 +254,34 @@ def load_config(source: str | Path | dict[str, Any] | TrialConfig) -> TrialConfi
     return TrialConfig.from_file(source)
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw["a"]["b"]["c"] = value`` for ``key`` ``"a.b.c"``, creating missing sections."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part!r} is not a config section")
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML scalars) in place."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        set_dotted(raw, key, yaml.safe_load(value) if value != "" else None)
     return raw
 
 
-def _format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid trial config"]
+def format_validation_error(e: ValidationError, source: str, what: str = "trial config") -> str:
+    """One line per problem, each naming the field (``a.b.c``); unknown keys said plainly."""
+    lines = [f"{source}: invalid {what}"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (not a config field)"
+            msg = "unknown key"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
