@@ -56,7 +56,7 @@ class MlflowSweepCallback(Callback):
         flat = flatten_ray_config(trial.config)
         run = self.client.create_run(
             self.experiment_id,
-            run_name=trial.trial_name if hasattr(trial, "trial_name") else str(trial),
+            run_name=str(trial),
             tags={
                 "mlflow.parentRunId": self.parent_run_id,
                 "ray.trial_id": tid,
@@ -65,7 +65,9 @@ class MlflowSweepCallback(Callback):
             },
         )
         self.runs[tid] = run.info.run_id
-        cfg = trial_config_for(self.spec, flat, str(trial), str(Path(trial.local_path or ".") / "trial"))
+        # output_dir: the trial's folder in storage, where its checkpoints and best model land
+        where = getattr(trial, "path", None) or trial.local_path or "."
+        cfg = trial_config_for(self.spec, flat, str(trial), str(where))
         params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat_params().items())]
         params += [
             Param(f"search.{k}", str(v)[:6000]) for k, v in sorted(overrides_from_params(flat).items())
