@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.config import ConfigError, TrialConfig, apply_overrides, format_validation_error, set_dotted
+from trainer.config import (
+    ConfigError,
+    TrialConfig,
+    apply_overrides,
+    format_validation_error,
+    load_yaml_mapping,
+    set_dotted,
+)
 
 __all__ = [
     "SweepSpec",
@@ -213,14 +220,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     YAML file's folder.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: sweep file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = load_yaml_mapping(path, "sweep file")
     _apply_sweep_overrides(raw, overrides or [])
     try:
         spec = SweepSpec.model_validate(raw)

@@ -29,6 +29,7 @@ __all__ = [
     "apply_overrides",
     "format_validation_error",
     "load_config",
+    "load_yaml_mapping",
     "set_dotted",
 ]
 
@@ -191,14 +192,7 @@ class TrialConfig(_Strict):
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> TrialConfig:
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: malformed YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raw = load_yaml_mapping(path, "config file")
         apply_overrides(raw, overrides or [])
         cfg = cls.from_dict(raw, source=str(path))
         return cfg.resolve_paths(base=path.parent)
@@ -252,6 +246,19 @@ def load_config(source: str | Path | dict[str, Any] | TrialConfig) -> TrialConfi
     if isinstance(source, dict):
         return TrialConfig.from_dict(source)
     return TrialConfig.from_file(source)
+
+
+def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping names the file."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
