@@ -15,7 +15,7 @@ help:
 	@echo "make demo       phantoms -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
 	@echo "make test       ruff + the whole test suite (slow tests included, as CI runs it)"
 	@echo "make test-fast  ruff + the tests not marked slow"
-	@echo "make bench      CPU benchmarks -> benchmarks/results/*.json"
+	@echo "make bench      CPU benchmarks (about 7 min) -> benchmarks/results/*.json"
 	@echo "venv: $(VENV)"
 
 $(STAMP): pyproject.toml
@@ -53,6 +53,7 @@ test-fast: lint
 
 bench: develop
 	$(BIN)/python benchmarks/step_time.py --out benchmarks/results/step_time_cpu.json
+	$(BIN)/python benchmarks/sweep_efficiency.py --out benchmarks/results/sweep_efficiency_cpu.json
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache *.egg-info
