@@ -10,24 +10,20 @@ exactly one run per trial.
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from trainer.data.cache import SHAREABLE_ACCESS
-
 from .space import SweepSpec, flatten_ray_config, overrides_from_params, trial_config_for
+from .tracking import MAX_ERROR, log_metrics, log_params, log_plots
 from .trainable import FINAL_KEY
 
 __all__ = ["MlflowSweepCallback"]
 
 _EPOCH_PREFIXES = ("train_", "val_")
 _EPOCH_KEYS = ("lambda", "lr", "epoch_time_s")
-_MAX_ERROR = 4000
 
 
 class MlflowSweepCallback(Callback):
@@ -68,20 +64,12 @@ class MlflowSweepCallback(Callback):
         # output_dir: the trial's folder in storage, where its checkpoints and best model land
         where = getattr(trial, "path", None) or trial.local_path or "."
         cfg = trial_config_for(self.spec, flat, str(trial), str(where))
-        params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat_params().items())]
-        params += [
-            Param(f"search.{k}", str(v)[:6000]) for k, v in sorted(overrides_from_params(flat).items())
-        ]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        searched = {f"search.{k}": v for k, v in overrides_from_params(flat).items()}
+        log_params(self.client, run.info.run_id, {**cfg.flat_params(), **searched})
         return run.info.run_id
 
     def _log(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
-        self.logged_metrics += len(items)
+        self.logged_metrics += log_metrics(self.client, run_id, metrics, step)
 
     # -- Tune hooks -----------------------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -136,7 +124,7 @@ class MlflowSweepCallback(Callback):
         run_id = self._run_id(trial)
         msg = _error_text(trial)
         self.client.log_batch(
-            run_id, tags=[RunTag("error", msg[-_MAX_ERROR:]), RunTag("error_type", _error_type(msg))]
+            run_id, tags=[RunTag("error", msg[-MAX_ERROR:]), RunTag("error_type", _error_type(msg))]
         )
         self.client.set_terminated(run_id, "FAILED")
 
@@ -152,10 +140,7 @@ class MlflowSweepCallback(Callback):
         config = local / "config.resolved.yaml"
         if config.is_file():
             self.client.log_artifact(run_id, str(config))
-        for p in sorted((local / "plots").glob("*.png")):
-            if p.name.startswith("gradcam") and data_access not in SHAREABLE_ACCESS:
-                continue  # patient images never leave the cluster unless public/synthetic
-            self.client.log_artifact(run_id, str(p), artifact_path="plots")
+        log_plots(self.client, run_id, sorted((local / "plots").glob("*.png")), data_access)
 
 
 def _error_text(trial) -> str:

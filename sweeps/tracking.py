@@ -22,10 +22,19 @@ from mlflow.tracking import MlflowClient
 from trainer.config import TrialConfig
 from trainer.data.cache import SHAREABLE_ACCESS
 
-__all__ = ["TrialRun", "default_tracking_uri", "experiment_id", "resolve_tracking_uri"]
+__all__ = [
+    "MAX_ERROR",
+    "TrialRun",
+    "default_tracking_uri",
+    "experiment_id",
+    "log_metrics",
+    "log_params",
+    "log_plots",
+    "resolve_tracking_uri",
+]
 
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
-_MAX_ERROR = 4000
+MAX_ERROR = 4000  # characters of an error kept in the run's `error` tag
 
 
 def default_tracking_uri(directory: str | Path | None = None) -> str:
@@ -57,6 +66,35 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
         return exp.experiment_id
 
 
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Log ``params`` in batches (MLflow takes at most 100 per call), values truncated to its limit."""
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, params=items[i : i + _BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> int:
+    """Log the finite numeric entries of ``metrics`` at ``step``; return how many were logged."""
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+    return len(items)
+
+
+def log_plots(client: MlflowClient, run_id: str, paths: Iterable[str | Path], data_access: str) -> None:
+    """Upload plot PNGs under ``plots/``; Grad-CAM overlays (patient images) only for shareable data."""
+    for p in map(Path, paths):
+        if p.name.startswith("gradcam") and data_access not in SHAREABLE_ACCESS:
+            continue  # patient images never leave the cluster unless public/synthetic
+        if p.is_file():
+            client.log_artifact(run_id, str(p), artifact_path="plots")
+
+
 class TrialRun:
     """One MLflow run for one trial; ``finish(error)`` ends it FINISHED, FAILED or KILLED."""
 
@@ -80,38 +118,19 @@ class TrialRun:
 
     # -- logging ----------------------------------------------------------------------------------
     def log_config(self, cfg: TrialConfig, resolved_file: Path | None = None) -> None:
-        params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat_params().items())]
-        for i in range(0, len(params), _BATCH):
-            self.client.log_batch(self.run_id, params=params[i : i + _BATCH])
+        log_params(self.client, self.run_id, cfg.flat_params())
         if resolved_file is not None and resolved_file.is_file():
             self.client.log_artifact(self.run_id, str(resolved_file))
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)
-        items = [
-            Metric(k, float(v), now, step or 0)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-        ]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
-
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
-        self.log_metrics(metrics, step=epoch)
+        log_metrics(self.client, self.run_id, metrics, step=epoch)
 
     def log_result(self, result: dict[str, Any]) -> None:
         summary = {k: v for k, v in result.items() if k.startswith(("best_val_", "test_"))}
         summary["best_epoch"] = result.get("best_epoch", -1)
         summary["epochs_run"] = result.get("epochs_run", 0)
-        self.log_metrics(summary)
-        self.log_artifacts(result.get("artifacts", []), result.get("data_access", "private"))
-
-    def log_artifacts(self, paths: Iterable[str | Path], data_access: str) -> None:
-        for p in map(Path, paths):
-            if p.name.startswith("gradcam") and data_access not in SHAREABLE_ACCESS:
-                continue  # patient images never leave the cluster unless public/synthetic
-            if p.is_file():
-                self.client.log_artifact(self.run_id, str(p), artifact_path="plots")
+        log_metrics(self.client, self.run_id, summary)
+        log_plots(self.client, self.run_id, result.get("artifacts", []), result.get("data_access", "private"))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -122,7 +141,7 @@ class TrialRun:
             self.client.set_terminated(self.run_id, "FINISHED")
             return
         msg = f"{type(error).__name__}: {error}"
-        self.set_tags({"error": msg[:_MAX_ERROR], "error_type": type(error).__name__})
+        self.set_tags({"error": msg[:MAX_ERROR], "error_type": type(error).__name__})
         self.client.set_terminated(
             self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         )
