@@ -310,6 +310,7 @@ def _evaluate(
     ce_sum = att_sum = prior_share = prior_n = 0.0
     hits = lesion_share = lesion_n = 0.0
     examples: dict[str, list[torch.Tensor]] = {"image": [], "cam": [], "label": [], "pred": []}
+    kept = 0
     for raw in loader:
         b = prep(raw, train=False)
         x, y = b["image"], b["label"]
@@ -333,11 +334,13 @@ def _evaluate(
         p = logits.softmax(1)
         probs.append(p.cpu())
         labels.append(y.cpu())
-        if keep_examples and len(torch.cat(examples["label"] or [torch.empty(0)])) < keep_examples:
-            examples["image"].append(x[:, :1].cpu())
-            examples["cam"].append(cam.cpu())
-            examples["label"].append(y.cpu())
-            examples["pred"].append(p.argmax(1).cpu())
+        if kept < keep_examples:
+            take = keep_examples - kept
+            examples["image"].append(x[:take, :1].cpu())
+            examples["cam"].append(cam[:take].cpu())
+            examples["label"].append(y[:take].cpu())
+            examples["pred"].append(p[:take].argmax(1).cpu())
+            kept += len(examples["label"][-1])
     y_prob = torch.cat(probs).double().numpy()
     y_true = torch.cat(labels).numpy()
     n = len(y_true)
@@ -349,8 +352,8 @@ def _evaluate(
         m["pointing_game"] = hits / lesion_n
         m["cam_in_region"] = lesion_share / lesion_n
     out: dict[str, Any] = {"metrics": m, "y_true": y_true, "y_prob": y_prob}
-    if keep_examples and examples["label"]:
-        out["examples"] = {k: torch.cat(v)[:keep_examples] for k, v in examples.items()}
+    if kept:
+        out["examples"] = {k: torch.cat(v) for k, v in examples.items()}
     return out
 
 
