@@ -323,3 +323,14 @@ def _print_ui_hint(uri: str) -> None:
         console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]")
     else:
         console.print(f"MLflow UI: {uri}")
+
+
+# ---- commands defined in their own modules (data preparation; results: best/report/export/...) ---
+def _register_more() -> None:
+    from . import cli_data, cli_results
+
+    cli_data.register(app)
+    cli_results.register(app)
+
+
+_register_more()
