@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .space import SweepSpec, flatten_ray_config, overrides_from_params, trial_config_for
-from .tracking import MAX_ERROR, log_metrics, log_params, log_plots
+from .tracking import MAX_ERROR, MODEL_URI_TAG, dataset_tags, log_metrics, log_params, log_plots
 from .trainable import FINAL_KEY
 
 __all__ = ["MlflowSweepCallback"]
@@ -66,6 +66,7 @@ class MlflowSweepCallback(Callback):
         cfg = trial_config_for(self.spec, flat, str(trial), str(where))
         searched = {f"search.{k}": v for k, v in overrides_from_params(flat).items()}
         log_params(self.client, run.info.run_id, {**cfg.flat_params(), **searched})
+        self.client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
         return run.info.run_id
 
     def _log(self, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -112,6 +113,8 @@ class MlflowSweepCallback(Callback):
             summary.update(best_epoch=last.get("best_epoch", -1), epochs_run=last.get("epochs_run", 0))
             self._log(run_id, summary, 0)
             self._upload(run_id, trial, str(last.get("data_access", "private")))
+            if trial.checkpoint is not None:  # the final checkpoint holds model.pt (best epoch)
+                self.client.set_tag(run_id, MODEL_URI_TAG, _checkpoint_file(trial.checkpoint, "model.pt"))
         else:  # stopped early by the scheduler: no test evaluation
             best = self.best.get(trial.trial_id, {})
             summary = {f"best_{k}": v for k, v in best.items() if k.startswith("val_")}
@@ -141,6 +144,13 @@ class MlflowSweepCallback(Callback):
         if config.is_file():
             self.client.log_artifact(run_id, str(config))
         log_plots(self.client, run_id, sorted((local / "plots").glob("*.png")), data_access)
+
+
+def _checkpoint_file(ckpt, name: str) -> str:
+    """A file in a Ray checkpoint as a local path, or ``<fs>://...`` on remote storage (e.g. s3://)."""
+    path = f"{ckpt.path.rstrip('/')}/{name}"
+    kind = getattr(ckpt.filesystem, "type_name", "local")
+    return path if kind == "local" else f"{kind}://{path}"
 
 
 def _error_text(trial) -> str:

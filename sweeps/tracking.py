@@ -24,7 +24,9 @@ from trainer.data.cache import SHAREABLE_ACCESS
 
 __all__ = [
     "MAX_ERROR",
+    "MODEL_URI_TAG",
     "TrialRun",
+    "dataset_tags",
     "default_tracking_uri",
     "experiment_id",
     "log_metrics",
@@ -35,6 +37,7 @@ __all__ = [
 
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 MAX_ERROR = 4000  # characters of an error kept in the run's `error` tag
+MODEL_URI_TAG = "cxr.model_uri"  # where a finished trial's model.pt lies (read by `cxr-sweep export`)
 
 
 def default_tracking_uri(directory: str | Path | None = None) -> str:
@@ -95,6 +98,20 @@ def log_plots(client: MlflowClient, run_id: str, paths: Iterable[str | Path], da
             client.log_artifact(run_id, str(p), artifact_path="plots")
 
 
+def dataset_tags(cfg: TrialConfig) -> dict[str, str]:
+    """The trial's dataset identity as tags: the cache's content hash and access level (model cards)."""
+    import json
+
+    try:
+        header = json.loads((Path(cfg.data.cache) / "header.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        "cxr.cache_hash": str(header.get("content_hash", "")),
+        "cxr.data_access": str(header.get("data_access", "")),
+    }
+
+
 class TrialRun:
     """One MLflow run for one trial; ``finish(error)`` ends it FINISHED, FAILED or KILLED."""
 
@@ -119,6 +136,7 @@ class TrialRun:
     # -- logging ----------------------------------------------------------------------------------
     def log_config(self, cfg: TrialConfig, resolved_file: Path | None = None) -> None:
         log_params(self.client, self.run_id, cfg.flat_params())
+        self.set_tags(dataset_tags(cfg))
         if resolved_file is not None and resolved_file.is_file():
             self.client.log_artifact(self.run_id, str(resolved_file))
 
@@ -131,6 +149,8 @@ class TrialRun:
         summary["epochs_run"] = result.get("epochs_run", 0)
         log_metrics(self.client, self.run_id, summary)
         log_plots(self.client, self.run_id, result.get("artifacts", []), result.get("data_access", "private"))
+        if result.get("model_path"):
+            self.set_tags({MODEL_URI_TAG: str(result["model_path"])})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
