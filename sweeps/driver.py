@@ -12,8 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,17 @@ from trainer.data.cache import open_cache
 from .space import SweepSpec, load_sweep, optuna_space, ray_param_space
 from .tracking import default_tracking_uri
 
-__all__ = ["SPEC_FILE", "SweepOutcome", "resume_sweep", "run_sweep", "sweep_dir", "sweep_rows"]
+__all__ = [
+    "SPEC_FILE",
+    "SweepOutcome",
+    "check_ray_address",
+    "check_shared_storage",
+    "check_tracking",
+    "resume_sweep",
+    "run_sweep",
+    "sweep_dir",
+    "sweep_rows",
+]
 
 SPEC_FILE = "cxr_sweep.json"  # the resolved sweep, saved beside Ray's experiment state
 
@@ -60,29 +68,98 @@ def resolve_sweep_tracking_uri(spec: SweepSpec) -> str:
 
 
 def check_tracking(uri: str) -> None:
-    """Fail fast (seconds, no retry storm) when the tracking server cannot be reached or refuses us."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    req = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        import base64
+    """Fail fast (seconds, no retry storm) when the tracking store cannot be reached or refuses us.
 
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        req.add_header("Authorization", f"Basic {token}")
+    A served store (``http(s)://``) is probed once, without MLflow's minutes of retries, with the
+    credentials the MLflow client would send; a database URI (``postgresql://``...) gets one
+    connection attempt. File and sqlite stores need no check.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _check_tracking_server(uri)
+    elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
+        _check_tracking_database(uri)
+
+
+_CREDENTIAL_VARS = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+
+
+def _check_tracking_server(uri: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
     try:
-        with urllib.request.urlopen(req, timeout=10):
-            pass
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
+        resp = http_request(
+            creds,
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=0,
+            backoff_factor=0,
+            timeout=10,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
+    except MlflowException as e:  # connection refused, DNS, TLS, timeout
+        raise ConfigError(f"mlflow.tracking_uri: tracking server {uri} is unreachable: {e.message}") from None
+    who = f"user {creds.username!r}" if creds.username else ("a token" if creds.token else None)
+    if resp.status_code == 401:
+        if who is None:
             raise ConfigError(
-                f"mlflow.tracking_uri: {uri} refused the credentials (HTTP {e.code}); "
-                "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
-            ) from None
-        raise ConfigError(f"mlflow.tracking_uri: {uri} answered HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ConfigError(f"mlflow.tracking_uri: tracking server {uri} is unreachable: {e}") from None
+                f"mlflow.tracking_uri: {uri} requires a login (HTTP 401) and no credentials are set: "
+                f"export {_CREDENTIAL_VARS}"
+            )
+        raise ConfigError(
+            f"mlflow.tracking_uri: {uri} refused the credentials of {who} (HTTP 401): "
+            f"check {_CREDENTIAL_VARS}"
+        )
+    if resp.status_code == 403:
+        raise ConfigError(
+            f"mlflow.tracking_uri: {uri} denies {who or 'anonymous access'} (HTTP 403): ask its admin for "
+            f"permission, or use other credentials ({_CREDENTIAL_VARS})"
+        )
+    if resp.status_code >= 500:
+        raise ConfigError(
+            f"mlflow.tracking_uri: tracking server {uri} is up but failing (HTTP {resp.status_code}: "
+            f"{_server_message(resp)}); its backend store (PostgreSQL) may be down: see the server's log"
+        )
+    if resp.status_code != 200:
+        raise ConfigError(
+            f"mlflow.tracking_uri: {uri} answered HTTP {resp.status_code} ({_server_message(resp)}): "
+            "is this an MLflow tracking server?"
+        )
+
+
+def _server_message(resp) -> str:
+    try:
+        return str(resp.json().get("message", ""))[:300] or resp.reason
+    except ValueError:
+        return (resp.text or resp.reason or "").strip().splitlines()[0][:300] if resp.text else resp.reason
+
+
+def _check_tracking_database(uri: str) -> None:
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+        args = {"connect_timeout": 5} if url.get_backend_name() == "postgresql" else {}
+        engine = sqlalchemy.create_engine(url, connect_args=args)
+    except (sqlalchemy.exc.ArgumentError, ImportError) as e:
+        raise ConfigError(f"mlflow.tracking_uri: unusable database URI {uri!r}: {e}") from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as e:
+        first = str(e.orig or e).strip().splitlines()[0]
+        raise ConfigError(
+            f"mlflow.tracking_uri: database {shown} is not accepting connections ({first}): "
+            "is PostgreSQL running and are host, port, user and password right?"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def check_ray_address(address: str | None) -> None:
@@ -96,6 +173,106 @@ def check_ray_address(address: str | None) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"--address: Ray cluster at {address} is unreachable: {e}") from None
+
+
+_PROBE_TIMEOUT_S = 60
+
+
+def check_shared_storage(spec: SweepSpec) -> None:
+    """On a cluster, prove every node that can run a trial sees ``storage_path`` as the driver does.
+
+    The driver writes a random token under ``storage_path``; a zero-CPU task pinned to each node
+    reads it back and writes a reply the driver must then see. A node-local directory fails this
+    (the node finds no token, or another one): its trials' checkpoints would never reach the driver
+    and a trial moved off a failed node could not resume. Cloud URIs (``s3://``) need no check.
+    """
+    import ray
+
+    if "://" in spec.storage_path:
+        return
+    need_cpu, need_gpu = spec.resources.cpu, spec.resources.gpu
+    nodes = [
+        n
+        for n in ray.nodes()
+        if n.get("Alive")
+        and n["Resources"].get("CPU", 0) >= need_cpu
+        and n["Resources"].get("GPU", 0) >= need_gpu
+    ]
+    if len(nodes) < 2 and all(n["NodeManagerAddress"] == _driver_ip() for n in nodes):
+        return  # one node, the driver's own machine: nothing to share
+    import secrets
+    import shutil
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(8)
+    probe_dir = Path(spec.storage_path).resolve() / f".cxr-storage-check-{token}"
+    try:
+        probe_dir.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"storage_path: cannot create {probe_dir}: {e.strerror or e}") from None
+    try:
+        (probe_dir / "token").write_text(token)
+        probe = ray.remote(num_cpus=0, max_retries=0)(_storage_probe)
+        refs = {
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(probe_dir), token
+            ): n
+            for n in nodes
+        }
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_PROBE_TIMEOUT_S)
+        problems = []
+        for ref in ready:
+            node, error = refs[ref], ray.get(ref)
+            if not error and not (probe_dir / f"seen-{node['NodeID']}").is_file():
+                error = "its writes there do not appear on the driver's side"
+            if error:
+                problems.append(f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]}): {error}")
+        unchecked = [refs[r]["NodeManagerAddress"] for r in refs if r not in ready]
+        if unchecked:
+            import warnings
+
+            warnings.warn(
+                f"storage_path check: node(s) {', '.join(unchecked)} did not answer within "
+                f"{_PROBE_TIMEOUT_S} s; their view of {spec.storage_path} is unverified",
+                stacklevel=2,
+            )
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    if problems:
+        raise ConfigError(
+            f"storage_path: {spec.storage_path} is not shared across the cluster's nodes; from the "
+            f"driver's machine ({_driver_ip()}) it is not what these nodes see: " + "; ".join(problems) + ". "
+            "Every node that runs trials must see the same directory at the same path (an NFS/CephFS "
+            "mount, or one volume mounted at that path in every pod), or use s3://bucket/prefix. "
+            "Otherwise trials write checkpoints and results the driver never sees, and a trial moved "
+            "off a failed node cannot resume (docs/cluster.md, 'Shared storage')."
+        )
+
+
+def _storage_probe(probe_dir: str, token: str) -> str:
+    """Runs on one node: '' when it reads the driver's token and can reply, else what went wrong."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    path = Path(probe_dir)
+    try:
+        seen = (path / "token").read_text()
+    except OSError as e:
+        return f"cannot read {path / 'token'} ({e.strerror or e})"
+    if seen != token:
+        return f"{path} holds another token: a different directory under the same name"
+    try:
+        (path / f"seen-{node}").write_text(token)
+    except OSError as e:
+        return f"cannot write in {path} ({e.strerror or e})"
+    return ""
+
+
+def _driver_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def _check_cache(spec: SweepSpec) -> None:
@@ -145,6 +322,22 @@ def _parent_run(uri: str, spec: SweepSpec, space_file: str | None, restore: bool
     }.items():
         client.log_param(run.info.run_id, key, str(value))
     return exp_id, run.info.run_id
+
+
+def _open_parent_run(uri: str, spec: SweepSpec, space_file: str | None, restore: bool) -> tuple[str, str]:
+    """:func:`_parent_run`, with a refused write (a read-only user) as a clear error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _parent_run(uri, spec, space_file, restore)
+    except MlflowException as e:
+        if e.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            raise ConfigError(
+                f"mlflow.tracking_uri: {uri} refused to record the sweep in experiment "
+                f"{spec.experiment!r} ({e.error_code}): ask its admin for EDIT permission on it, or "
+                f"use other credentials ({_CREDENTIAL_VARS})"
+            ) from None
+        raise
 
 
 def _git_commit(space_file: str | None) -> str:
@@ -251,14 +444,16 @@ def _execute(spec: SweepSpec, *, space_file: str | None, address: str | None, re
     check_tracking(uri)
     check_ray_address(address)
     _check_cache(spec)
-    exp_id, parent = _parent_run(uri, spec, space_file, restore)
+    _init_ray(address, spec)
+    if address not in (None, "", "local"):
+        check_shared_storage(spec)
+    exp_id, parent = _open_parent_run(uri, spec, space_file, restore)
     from mlflow.tracking import MlflowClient
 
     from .mlflow_callback import MlflowSweepCallback
 
     client = MlflowClient(uri)
     try:
-        _init_ray(address, spec)
         if "://" not in spec.storage_path:
             Path(sweep_dir(spec)).mkdir(parents=True, exist_ok=True)
             (Path(sweep_dir(spec)) / SPEC_FILE).write_text(
