@@ -82,3 +82,74 @@ def test_localization_scores():
     assert pointing_hits(cam, mask, tolerance=3).tolist() == [True, True]  # (6, 6) is 3 px from the mask
     assert pointing_hits(cam, mask, tolerance=2).tolist() == [True, False]
     assert cam_in_region(cam, mask).tolist() == [1.0, 0.0]
+
+
+def _tiny_vgg(drop_rate=0.3, padding=0):
+    """timm's VGG class at a size a test can afford: same ConvMlp head (7×7 fc1, ReLU, 1×1 fc2)."""
+    from timm.models.vgg import VGG
+
+    torch.manual_seed(0)
+    cfg = [8, "M", 16, "M", 16, "M", 32, "M", 32, "M"]
+    m = VGG(cfg, num_classes=3, mlp_ratio=1 / 32, drop_rate=drop_rate)
+    m.pre_logits.fc1.padding = (padding, padding)
+    return m.train()
+
+
+def _step_grads(model, x, y, region, mode, cam_weights):
+    """CAM, logits and every parameter's gradient of λ·CE + (1−λ)·L_att, dropout seeded alike."""
+    from trainer.attention_loss import attention_loss
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    logits, cam = grad_cam(model, x, y, create_graph=mode != "paper", cam_weights=cam_weights)
+    loss = 0.5 * torch.nn.functional.cross_entropy(logits, y) + 0.5 * attention_loss(
+        cam, region, y, mode, 0.5, tau=0.1
+    )
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logits.detach(), cam.detach(), grads
+
+
+@pytest.mark.parametrize("size", [64, 224, 256])  # resized up to 7×7 by the head; exactly 7×7; 8×8
+@pytest.mark.parametrize("mode", ["soft", "energy", "paper"])
+def test_vgg_head_shortcut_matches_the_double_backward(size, mode):
+    """The kernel-sum channel weights give the reference's CAM and the same parameter gradients."""
+    from trainer.cam import _conv_mlp_head
+
+    model = _tiny_vgg()
+    assert _conv_mlp_head(model) is model.pre_logits  # the shortcut is what "auto" runs here
+    x = torch.randn(4, 3, size, size)
+    y = torch.tensor([0, 1, 2, 1])
+    region = torch.zeros(4, 1, size, size)
+    region[:, :, size // 2 :] = 1
+    fast = _step_grads(model, x, y, region, mode, "auto")
+    ref = _step_grads(model, x, y, region, mode, "autograd")
+    torch.testing.assert_close(fast[0], ref[0])
+    torch.testing.assert_close(fast[1], ref[1], atol=1e-5, rtol=1e-4)
+    head = ("pre_logits.fc1.weight", "pre_logits.fc2.weight", "head.fc.weight")
+    if mode != "paper":  # the CAM's weights depend on the head: those gradients must be there
+        assert all(float((fast[2][n] - ref[2][n]).abs().max()) < float(ref[2][n].abs().max()) for n in head)
+    for name, g in ref[2].items():
+        scale = float(g.abs().max()) + 1e-12
+        err = float((fast[2][name] - g).abs().max())
+        assert err <= 1e-4 * scale, f"{name}: max |Δgrad| {err:.3g} vs max |grad| {scale:.3g}"
+
+
+def test_vgg_head_shortcut_under_no_grad_matches():
+    model = _tiny_vgg(drop_rate=0.0).eval()
+    x, y = torch.randn(2, 3, 96, 96), torch.tensor([1, 2])
+    with torch.no_grad():
+        fast = grad_cam(model, x, y)
+        ref = grad_cam(model, x, y, cam_weights="autograd")
+    assert not fast[1].requires_grad
+    torch.testing.assert_close(fast[0], ref[0])
+    torch.testing.assert_close(fast[1], ref[1], atol=1e-5, rtol=1e-4)
+
+
+def test_padded_head_falls_back_to_the_reference():
+    from trainer.cam import _conv_mlp_head
+
+    model = _tiny_vgg(padding=1)  # a padded fc1 breaks the kernel-sum identity
+    assert _conv_mlp_head(model) is None
+    with pytest.raises(ValueError, match="cam_weights must be"):
+        grad_cam(model, torch.randn(1, 3, 64, 64), cam_weights="fast")

@@ -1,11 +1,25 @@
 """Batched, differentiable Grad-CAM from the one forward pass of a training step.
 
 ``logits, cam = grad_cam(model, images, target)`` runs ``forward_features`` once, the head
-once, and takes d(score)/d(features) with ``autograd.grad`` — through the head only, never a
-second forward pass or a model copy. With ``create_graph=True`` (default when gradients are
-enabled) the CAM is differentiable w.r.t. the model's parameters, so an attention loss on it
-trains the backbone. Under ``torch.no_grad()`` (validation) the features carry no graph and
-only the small head graph is built for the CAM.
+once, and takes the CAM's channel weights (spatial mean of d(score)/d(features)) through the
+head only — never a second forward pass or a model copy. When gradients are enabled the CAM
+is differentiable w.r.t. the model's parameters (``create_graph``), so an attention loss on
+it trains the backbone *and* the head weights the channel weights come from. Under
+``torch.no_grad()`` (validation) the features carry no graph and only the head's graph is
+built for the CAM.
+
+Why two ways to get the channel weights: the generic one, ``autograd.grad(score, features,
+create_graph=True)``, makes the final backward differentiate the whole head a second time.
+That is free for pool-then-linear heads (ResNet, PVT, ConvNeXt, ViT) but not for VGG, whose
+head starts with a 7×7 convolution 512 → 4096 (103 M weights, 411 MB): its double backward
+adds a second full-size weight gradient, weight reorders and a 411 MB accumulation, and made
+the attention step 1.7× the CE step on CPU. Only the *spatial sum* of d(score)/d(features)
+is needed, and through a convolution without padding (after VGG's average-pool resize) that
+sum is ``Σ_o g_o · Σ_hw W[o, c, h, w]``: the gradient at the conv's output contracted with
+the kernel summed over its taps. So for that head the weights come from the gradient at the
+first activation (a small graph through the 1×1 layers) and the 4096 × 512 kernel sum, with
+exactly the same value and parameter gradients as the generic path (piecewise-linear head:
+the ReLU masks carry no derivative). ``cam_weights="autograd"`` forces the generic path.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.models.vgg import ConvMlp
 from torch import nn
 
 from .backbones import features_to_nchw
@@ -29,43 +44,107 @@ def grad_cam(
     target: torch.Tensor | Literal["predicted"] = "predicted",
     *,
     create_graph: bool | None = None,
+    cam_weights: Literal["auto", "autograd"] = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(B, K)`` and Grad-CAM ``(B, 1, H, W)`` in [0, 1] for the whole batch in one pass.
 
     ``target``: a ``(B,)`` class tensor, or ``"predicted"`` for each image's arg-max class.
     CAM = ReLU(Σ_c mean_hw(∂score/∂A_c) · A_c) at the last feature map, bilinearly upsampled
-    to the input size and min-max scaled per image.
+    to the input size and min-max scaled per image. ``cam_weights="auto"`` takes the head's
+    shortcut for the channel weights where one exists (see the module docstring);
+    ``"autograd"`` always differentiates the whole head (the reference).
     """
+    if cam_weights not in ("auto", "autograd"):
+        raise ValueError(f"cam_weights must be 'auto' or 'autograd', got {cam_weights!r}")
     outer_grad = torch.is_grad_enabled()
-    if create_graph is None:
-        create_graph = outer_grad
+    create_graph = outer_grad if create_graph is None else create_graph and outer_grad
+    mlp = _conv_mlp_head(model) if cam_weights == "auto" else None
+    # Taken before the forward pass on purpose: autograd then runs its backward last, after the
+    # convolution's own weight gradient, and adds into that buffer in place (no 411 MB temporary).
+    kernel_sum = mlp.fc1.weight.sum(dim=(2, 3)) if mlp is not None else None  # (M, C)
     feats = model.forward_features(images)  # (B, C, h, w) | (B, h, w, C) | (B, N, C)
     with torch.enable_grad():
         if not feats.requires_grad:  # validation under no_grad: graph through the head only
             feats = feats.detach().requires_grad_(True)
-        logits = model.forward_head(feats)  # (B, K)
-        if isinstance(target, str):
-            if target != "predicted":
-                raise ValueError(f"target must be a class tensor or 'predicted', got {target!r}")
-            cls = logits.detach().argmax(1)
+        if mlp is not None:
+            logits, weights = _conv_mlp_weights(model, mlp, kernel_sum, feats, target, create_graph)
         else:
-            cls = torch.as_tensor(target, device=logits.device).long().view(-1)
-        score = logits.gather(1, cls[:, None]).sum()
-        (grads,) = torch.autograd.grad(
-            score, feats, create_graph=create_graph and outer_grad, retain_graph=True
-        )
+            logits, weights = _autograd_weights(model, feats, target, create_graph)
     with torch.set_grad_enabled(outer_grad):
         fmap = features_to_nchw(model, feats).float()  # (B, C, h, w)
-        gmap = features_to_nchw(model, grads).float()  # (B, C, h, w)
-        weights = gmap.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        weights = weights.float()[:, :, None, None]  # (B, C, 1, 1)
         cam = F.relu((weights * fmap).sum(dim=1, keepdim=True))  # (B, 1, h, w)
         cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)
         lo = cam.amin(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
         hi = cam.amax(dim=(2, 3), keepdim=True)
         cam = (cam - lo) / (hi - lo + _EPS)  # (B, 1, H, W) in [0, 1]
         if not outer_grad:
-            logits = logits.detach()
+            logits, cam = logits.detach(), cam.detach()
     return logits, cam
+
+
+def _target_score(logits: torch.Tensor, target: torch.Tensor | str) -> torch.Tensor:
+    """Sum over the batch of each row's target logit (rows are independent, so one grad call)."""
+    if isinstance(target, str):
+        if target != "predicted":
+            raise ValueError(f"target must be a class tensor or 'predicted', got {target!r}")
+        cls = logits.detach().argmax(1)  # (B,)
+    else:
+        cls = torch.as_tensor(target, device=logits.device).long().view(-1)  # (B,)
+    return logits.gather(1, cls[:, None]).sum()
+
+
+def _autograd_weights(model, feats, target, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path: spatial mean of d(score)/d(features) through the whole head."""
+    logits = model.forward_head(feats)  # (B, K)
+    score = _target_score(logits, target)
+    (grads,) = torch.autograd.grad(score, feats, create_graph=create_graph, retain_graph=True)
+    gmap = features_to_nchw(model, grads)  # (B, C, h, w)
+    return logits, gmap.mean(dim=(2, 3))  # (B, K), (B, C)
+
+
+def _conv_mlp_head(model: nn.Module) -> nn.Module | None:
+    """timm's VGG ``ConvMlp`` head when its first layer allows the kernel-sum shortcut, else None.
+
+    Needs: an unpadded, undilated, ungrouped ``fc1`` convolution (every output position sees
+    the whole kernel, so the spatial gradient sum factors through the kernel sum) and a ReLU
+    after it (no curvature, so the weights carry no derivative w.r.t. the features).
+    """
+    mlp = getattr(model, "pre_logits", None)
+    if not isinstance(mlp, ConvMlp):
+        return None
+    fc1 = mlp.fc1
+    ok = (
+        type(fc1) is nn.Conv2d
+        and tuple(fc1.padding) in ((0, 0),)
+        and tuple(fc1.dilation) == (1, 1)
+        and fc1.groups == 1
+        and type(mlp.act1) is nn.ReLU
+    )
+    return mlp if ok else None
+
+
+def _conv_mlp_weights(
+    model, mlp, kernel_sum, feats, target, create_graph: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel weights through VGG's head without differentiating its 7×7 convolution twice.
+
+    ConvMlp resizes features smaller than the kernel with an average pool (rows sum to one,
+    so it keeps the spatial gradient sum), then ``fc1`` (valid conv): for every channel c,
+    Σ_hw ∂s/∂A[c, h, w] = Σ_o (Σ_ij ∂s/∂z1[o, i, j]) · Σ_hw W1[o, c, h, w].
+    """
+    acts: list[torch.Tensor] = []
+    hook = mlp.act1.register_forward_hook(lambda _m, _i, out: acts.append(out))
+    try:
+        logits = model.forward_head(feats)  # (B, K): the model's own head, dropout included
+    finally:
+        hook.remove()
+    (r1,) = acts  # (B, M, oh, ow) after ReLU (in place or not)
+    score = _target_score(logits, target)
+    (g_r1,) = torch.autograd.grad(score, r1, create_graph=create_graph, retain_graph=True)
+    g_z1 = (g_r1 * (r1 > 0)).sum(dim=(2, 3))  # (B, M): ∂s/∂z1 summed over output positions
+    hw = feats.shape[-2] * feats.shape[-1]
+    return logits, (g_z1 @ kernel_sum.to(g_z1.dtype)) / hw  # (B, K), (B, C)
 
 
 def cam_in_region(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
