@@ -1,9 +1,299 @@
-"""Placeholder: commands registered on the ``cxr-sweep`` app (filled in by the issue that owns them)."""
+"""What users do after a sweep: ``best``, ``report``, ``export``, ``predict`` and ``ui``.
+
+Every command finds a sweep the way ``cxr-sweep sweep status`` does: a sweep name with
+``--storage`` (its saved spec says where its MLflow store is), or ``--tracking-uri`` /
+``$MLFLOW_TRACKING_URI`` with the sweep name as the experiment. Usage: docs/results-cli.md.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.table import Table
+
+__all__ = ["register"]
+
+_Sweeps = Annotated[
+    list[str] | None, typer.Argument(help="Sweep name(s): each sweep's latest parent run and its trials.")
+]
+_Storage = Annotated[Path | None, typer.Option(help="The sweep's storage_path (finds its MLflow store).")]
+_Uri = Annotated[
+    str | None,
+    typer.Option(help="MLflow tracking URI (default: from --storage, $MLFLOW_TRACKING_URI, ./mlflow.db)."),
+]
+_Experiment = Annotated[
+    list[str] | None, typer.Option("--experiment", help="Also every trial run of this MLflow experiment.")
+]
+_Filter = Annotated[
+    str | None,
+    typer.Option(
+        "--filter", help="MLflow filter on the runs, e.g. \"params.`model.backbone` = 'resnet50'\"."
+    ),
+]
+_Metric = Annotated[
+    str | None,
+    typer.Option(
+        help="Validation metric that ranks runs (f1_macro, val_auc, ...; default: the sweep's metric)."
+    ),
+]
+_Stopped = Annotated[bool, typer.Option(help="Rank runs ASHA stopped early too (they have no test metrics).")]
+
+
+def _cli():
+    from . import cli
+
+    return cli
+
+
+def _runs(sweeps, storage, tracking_uri, experiments, filter_, include_stopped):
+    from .select import find_runs
+
+    return find_runs(
+        list(sweeps or []),
+        storage=storage,
+        tracking_uri=tracking_uri,
+        experiments=list(experiments or []),
+        filter_string=filter_,
+        include_stopped=include_stopped,
+    )
+
+
+def _guard(fn, *args, **kwargs):
+    """Run ``fn``; user errors print one line and exit 2 (no traceback)."""
+    cli = _cli()
+    try:
+        return fn(*args, **kwargs)
+    except (*cli._user_errors(), ValueError, FileNotFoundError) as e:
+        raise cli._fail(str(e)) from None
+
+
+# ---- best ---------------------------------------------------------------------------------------------
+def best(
+    sweeps: _Sweeps = None,
+    storage: _Storage = None,
+    tracking_uri: _Uri = None,
+    experiment: _Experiment = None,
+    filter_: _Filter = None,
+    metric: _Metric = None,
+    top: Annotated[int, typer.Option(min=1, help="Rows to show.")] = 5,
+    include_stopped: _Stopped = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")
+    ] = False,
+) -> None:
+    """Rank a sweep's finished trials on a validation metric; show the top ones with test metrics."""
+    from .select import metric_key, rank_runs
+
+    found = _guard(_runs, sweeps, storage, tracking_uri, experiment, filter_, include_stopped)
+    metric = metric or found.default_metric
+    ranked = _guard(rank_runs, found.runs, metric)[:top]
+    key = metric_key(metric)
+    if as_json:
+        rows = [{"rank": i + 1, "selection_metric": key, **r.to_dict()} for i, r in enumerate(ranked)]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _cli().console.print(_best_table(ranked, key, found))
+
+
+def _best_table(ranked, key: str, found) -> Table:
+    from .select import LOCALIZATION_METRICS
+
+    shown = ["f1_macro", *(m for m in LOCALIZATION_METRICS if any(f"test_{m}" in r.metrics for r in ranked))]
+    shown += ["accuracy", "auc", "sensitivity", "specificity", "youden_index", "discriminant_power"]
+    short = {
+        "youden_index": "YI",
+        "discriminant_power": "DP",
+        "pointing_game": "pointing",
+        "cam_in_region": "CAM in",
+    }
+    table = Table(
+        title=f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); test metrics",
+        caption=f"tracking store: {found.tracking_uri}",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("run")
+    table.add_column("trial")
+    table.add_column("params")
+    table.add_column(key, justify="right", style="bold")
+    for m in shown:
+        table.add_column(f"test {short.get(m, m)}", justify="right")
+    for i, r in enumerate(ranked):
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r.searched.items())
+        values = [_num(r.metrics.get(f"test_{m}")) for m in shown]
+        table.add_row(
+            str(i + 1), r.run_id[:8], r.trial_id or r.run_name, params, _num(r.metrics[key]), *values
+        )
+    return table
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def _short(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f"{f:.3g}"
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def report(
+    sweeps: _Sweeps = None,
+    storage: _Storage = None,
+    tracking_uri: _Uri = None,
+    experiment: _Experiment = None,
+    filter_: _Filter = None,
+    metric: _Metric = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the tables (default: <storage>/<sweep>/report or ./report-<sweep>)."),
+    ] = None,
+    log: Annotated[bool, typer.Option(help="Log the files to each sweep's parent run under report/.")] = True,
+) -> None:
+    """The paper's tables from a sweep's runs: Markdown, LaTeX, CSV and a YI/DP chart."""
+    from .report import build_report
+
+    found = _guard(_runs, sweeps, storage, tracking_uri, experiment, filter_, False)
+    names = list(sweeps or []) or list(experiment or [])
+    if out is None:
+        first = names[0]
+        out = (storage / first / "report") if storage is not None else Path(f"report-{first}")
+    title = "Sweep " + ", ".join(names)
+    built = _guard(build_report, found.runs, metric or found.default_metric, out, title)
+    console = _cli().console
+    for name, path in built.files.items():
+        console.print(f"{name}: {path}")
+    if log and found.parents:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(found.tracking_uri)
+        for sweep, parent in found.parents.items():
+            for path in built.files.values():
+                client.log_artifact(parent, str(path), artifact_path="report")
+            console.print(f"logged to sweep {sweep!r} parent run {parent} under report/")
+
+
+# ---- export -------------------------------------------------------------------------------------------
+def export(
+    source: Annotated[
+        str, typer.Argument(help="A sweep name (its best run on validation) or an MLflow run id.")
+    ],
+    format_: Annotated[
+        str, typer.Option("--format", help="Comma-separated: torchscript, onnx.")
+    ] = "torchscript,onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="Export folder (default: ./export-<run id prefix>).")
+    ] = None,
+    storage: _Storage = None,
+    tracking_uri: _Uri = None,
+    metric: _Metric = None,
+    atol: Annotated[float, typer.Option(help="Largest allowed |logit difference| to PyTorch.")] = 1e-4,
+    register: Annotated[bool, typer.Option(help="Register the model in the MLflow Model Registry.")] = True,
+    name: Annotated[str | None, typer.Option(help="Registered model name (default: cxr-<sweep>).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
+) -> None:
+    """Export the best (or a given) run's model to TorchScript/ONNX, with a model card, and register it."""
+    from .export import export_model, parse_formats, resolve_run
+
+    formats = _guard(parse_formats, format_)
+    if out is None:
+        _, run = _guard(resolve_run, source, storage=storage, tracking_uri=tracking_uri, metric=metric)
+        out = Path(f"export-{run.run_id[:8]}")
+    result = _guard(
+        export_model,
+        source,
+        formats,
+        out,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        metric=metric,
+        atol=atol,
+        register=register,
+        registered_name=name,
+        overwrite=overwrite,
+    )
+    console = _cli().console
+    console.print(f"run {result.run.run_id} ({result.run.run_name}) of sweep {result.run.sweep!r}")
+    for fmt, path in result.files.items():
+        diff = result.max_abs_diff.get(fmt)
+        console.print(f"{fmt}: {path}" + (f"  (max |Δlogit| {diff:.2e})" if diff is not None else ""))
+    if result.registered:
+        console.print(f"registered: models:/{result.registered[0]}/{result.registered[1]}")
+
+
+# ---- predict ------------------------------------------------------------------------------------------
+def predict(
+    model: Annotated[Path, typer.Option(help="Export folder, its model.torchscript.pt, or its model.onnx.")],
+    images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Output folder: predictions.csv, cams.npz, cam/*.png.")] = Path(
+        "predictions"
+    ),
+    runtime: Annotated[str, typer.Option(help="auto | torchscript | onnx (probabilities).")] = "auto",
+    cam: Annotated[bool, typer.Option(help="Grad-CAM overlays (need the TorchScript file).")] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Run an exported model on images: probabilities (CSV) and Grad-CAM overlay PNGs."""
+    from .predict import predict_folder
+
+    result = _guard(
+        predict_folder,
+        model,
+        images,
+        out,
+        runtime=runtime,
+        cam=cam,
+        batch_size=batch_size,
+        overwrite=overwrite,
+    )
+    console = _cli().console
+    console.print(f"{len(result.names)} images, probabilities from {result.runtime}: {result.csv}")
+    if result.overlays:
+        console.print(f"Grad-CAM overlays: {result.out_dir / 'cam'} ({len(result.overlays)} PNGs)")
+
+
+# ---- ui -----------------------------------------------------------------------------------------------
+def ui(
+    sweep: Annotated[str | None, typer.Argument(help="Sweep name: open its runs directly.")] = None,
+    storage: _Storage = None,
+    tracking_uri: _Uri = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 5000,
+) -> None:
+    """Start the MLflow UI on the sweep's tracking store (127.0.0.1 only) and print its URL."""
+    from mlflow.tracking import MlflowClient
+
+    from .select import open_store
+    from .ui import experiment_url, start_ui, stop_ui
+
+    uri = _guard(open_store, sweep, storage, tracking_uri)
+    exp_id = None
+    if sweep is not None:
+        from .select import sweep_experiment
+
+        name = _guard(sweep_experiment, sweep, storage) or sweep
+        exp = MlflowClient(uri).get_experiment_by_name(name)
+        if exp is None:
+            raise _cli()._fail(f"unknown sweep {sweep!r}: no MLflow experiment {name!r} in {uri}")
+        exp_id = exp.experiment_id
+    proc, base = _guard(start_ui, uri, port=port)
+    console = _cli().console
+    console.print(f"MLflow UI on {uri}")
+    console.print(f"open {experiment_url(base, exp_id)}  (Ctrl-C stops it)", soft_wrap=True)
+    console.file.flush()  # the URL must reach a pipe (scripts, tests) before the wait
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_ui(proc)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    for fn in (best, report, export, predict, ui):
+        app.command(fn.__name__)(fn)

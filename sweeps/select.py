@@ -1,0 +1,268 @@
+"""Choose the best configuration of a sweep from its MLflow runs — on validation metrics only.
+
+A sweep's runs follow DESIGN.md §4: one parent run (``cxr.kind=sweep``) per sweep, one child run
+(``cxr.kind=trial``) per trial with ``best_val_*`` and ``test_*`` summaries. Selection ranks the
+*finished* trial runs — status FINISHED and not stopped early by ASHA (those never reached a test
+evaluation) — by one ``best_val_*`` metric. Test metrics are shown, never used to choose. Ties are
+broken deterministically: by the Ray trial id (creation order within a sweep), then the run name,
+then the run id.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError
+from trainer.metrics import METRIC_NAMES, higher_is_better
+
+__all__ = [
+    "LOCALIZATION_METRICS",
+    "RunRow",
+    "SelectionError",
+    "SweepRuns",
+    "find_runs",
+    "metric_key",
+    "open_store",
+    "rank_runs",
+    "row_from_run",
+    "summary_metrics",
+    "sweep_experiment",
+]
+
+LOCALIZATION_METRICS = ("pointing_game", "cam_in_region")  # logged where lesion masks are known
+_DEFAULT_METRIC = "val_f1_macro"
+
+
+class SelectionError(ConfigError):
+    """Bad input to selection, reports or export: unknown sweep or run, no finished runs, bad metric."""
+
+
+@dataclass
+class RunRow:
+    """One trial run as selection and reports see it."""
+
+    run_id: str
+    run_name: str
+    experiment: str
+    sweep: str
+    trial_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def searched(self) -> dict[str, str]:
+        """The searched values (``search.*`` params), else the settings a reader looks for first."""
+        found = {k.removeprefix("search."): v for k, v in self.params.items() if k.startswith("search.")}
+        if found:
+            return found
+        keys = ("model.backbone", "attention.lambda", "attention.mode", "attention.threshold", "train.lr")
+        return {k: self.params[k] for k in keys if k in self.params}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "experiment": self.experiment,
+            "sweep": self.sweep,
+            "trial_id": self.trial_id,
+            "status": self.status,
+            "searched": self.searched,
+            "params": self.params,
+            "metrics": self.metrics,
+        }
+
+
+@dataclass
+class SweepRuns:
+    """The finished trial runs of one or more sweeps, and where they came from."""
+
+    tracking_uri: str
+    runs: list[RunRow]
+    parents: dict[str, str]  # sweep (experiment) name → parent run id
+    default_metric: str = _DEFAULT_METRIC
+
+
+# ---- the tracking store -------------------------------------------------------------------------------
+def open_store(sweep: str | None, storage: str | Path | None, tracking_uri: str | None) -> str:
+    """The tracking URI that holds ``sweep``: like ``cxr-sweep sweep status`` resolves a sweep.
+
+    ``--tracking-uri`` wins; else ``--storage`` (the sweep's saved spec says where its MLflow store
+    is); else ``$MLFLOW_TRACKING_URI``; else ``./mlflow.db``. A sqlite store must exist: opening a
+    missing one would silently create an empty database.
+    """
+    from .driver import load_saved_spec, resolve_sweep_tracking_uri
+    from .tracking import resolve_tracking_uri
+
+    if tracking_uri:
+        uri = tracking_uri
+    elif storage is not None:
+        if sweep is None:
+            raise SelectionError("--storage needs a SWEEP name (or pass --tracking-uri with --experiment)")
+        spec, _ = load_saved_spec(sweep, storage)
+        uri = resolve_sweep_tracking_uri(spec)
+    else:
+        uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise SelectionError(
+                f"no MLflow store at {db}: pass --storage DIR (the sweep's storage_path) or --tracking-uri"
+            )
+    return uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _experiment(client, name: str, uri: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        known = sorted(e.name for e in client.search_experiments(max_results=1000))
+        raise SelectionError(
+            f"unknown sweep {name!r}: no MLflow experiment of that name in {uri} "
+            f"(experiments: {', '.join(known) or 'none'})"
+        )
+    return exp
+
+
+def _latest_parent(client, exp, sweep: str):
+    parents = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`cxr.kind` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not parents:
+        raise SelectionError(f"sweep {sweep!r}: experiment has no sweep parent run (cxr.kind=sweep)")
+    return parents[0]
+
+
+def row_from_run(run, experiment: str) -> RunRow:
+    """An MLflow ``Run`` as a :class:`RunRow`."""
+    tags = run.data.tags
+    return RunRow(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or "",
+        experiment=experiment,
+        sweep=tags.get("cxr.sweep", experiment),
+        trial_id=tags.get("ray.trial_id", ""),
+        status=run.info.status,
+        params=dict(run.data.params),
+        metrics={k: float(v) for k, v in run.data.metrics.items()},
+        tags=dict(tags),
+    )
+
+
+def _finished(row: RunRow) -> bool:
+    return row.status == "FINISHED" and row.tags.get("cxr.stopped_early") != "true"
+
+
+def find_runs(
+    sweeps: list[str],
+    *,
+    storage: str | Path | None = None,
+    tracking_uri: str | None = None,
+    experiments: list[str] | None = None,
+    filter_string: str | None = None,
+    include_stopped: bool = False,
+) -> SweepRuns:
+    """Finished trial runs of ``sweeps`` (children of each sweep's latest parent run) and of every
+    trial run in ``experiments``, narrowed by an MLflow ``filter_string`` (e.g.
+    ``"params.`model.backbone` = 'resnet50'"``). ``include_stopped`` keeps ASHA-stopped runs."""
+    if not sweeps and not experiments:
+        raise SelectionError("name a SWEEP or pass --experiment")
+    uri = open_store(sweeps[0] if sweeps else None, storage, tracking_uri)
+    client = _client(uri)
+    extra = f" and {filter_string}" if filter_string else ""
+    sources: list[tuple[str, str, str]] = []  # (label, experiment id, filter)
+    parents: dict[str, str] = {}
+    default_metric = _DEFAULT_METRIC
+    for name in sweeps:
+        exp_name = sweep_experiment(name, storage) or name
+        exp = _experiment(client, exp_name, uri)
+        parent = _latest_parent(client, exp, name)
+        parents[exp_name] = parent.info.run_id
+        default_metric = parent.data.params.get("metric", default_metric)
+        sources.append(
+            (f"sweep {name!r}", exp.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        )
+    for name in experiments or []:
+        exp = _experiment(client, name, uri)
+        sources.append((f"experiment {name!r}", exp.experiment_id, "tags.`cxr.kind` = 'trial'"))
+    rows: dict[str, RunRow] = {}
+    for label, exp_id, base in sources:
+        exp_name = client.get_experiment(exp_id).name
+        try:
+            found = client.search_runs([exp_id], filter_string=base + extra, max_results=50000)
+        except Exception as e:  # MLflow rejects a malformed filter with its own message
+            raise SelectionError(f"--filter {filter_string!r}: {e}") from None
+        these = [row_from_run(r, exp_name) for r in found if r.data.tags.get("cxr.kind", "trial") == "trial"]
+        keep = [r for r in these if _finished(r) or (include_stopped and r.status == "FINISHED")]
+        if not keep:
+            raise SelectionError(f"{label} has no finished trial runs ({_census(these)})")
+        rows.update((r.run_id, r) for r in keep)
+    return SweepRuns(uri, list(rows.values()), parents, default_metric)
+
+
+def sweep_experiment(sweep: str, storage: str | Path | None) -> str | None:
+    """The MLflow experiment a sweep logged to, when its saved spec is at hand (it may be renamed)."""
+    if storage is None:
+        return None
+    from .driver import load_saved_spec
+
+    spec, _ = load_saved_spec(sweep, storage)
+    return spec.experiment
+
+
+def _census(rows: list[RunRow]) -> str:
+    if not rows:
+        return "it has no trial runs at all"
+    counts: dict[str, int] = {}
+    for r in rows:
+        state = "stopped early by ASHA" if r.tags.get("cxr.stopped_early") == "true" else r.status
+        counts[state] = counts.get(state, 0) + 1
+    return f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+# ---- ranking ------------------------------------------------------------------------------------------
+def metric_key(metric: str) -> str:
+    """``f1_macro`` / ``val_f1_macro`` / ``best_val_f1_macro`` → ``best_val_f1_macro``."""
+    name = metric.strip()
+    if name.startswith("test_"):
+        raise SelectionError(
+            f"--metric {metric!r}: selection uses validation metrics only (best_val_*), never test ones"
+        )
+    for prefix in ("best_val_", "val_"):
+        if name.startswith(prefix):
+            name = name.removeprefix(prefix)
+            break
+    return f"best_val_{name}"
+
+
+def rank_runs(runs: list[RunRow], metric: str) -> list[RunRow]:
+    """``runs`` that logged ``metric`` (a validation metric), best first, ties broken deterministically."""
+    key = metric_key(metric)
+    have = [r for r in runs if key in r.metrics and math.isfinite(r.metrics[key])]
+    if not have:
+        logged = sorted({k for r in runs for k in r.metrics if k.startswith("best_val_")})
+        raise SelectionError(
+            f"--metric {metric!r}: {key} was never logged by these runs; "
+            f"logged: {', '.join(logged) or 'none'}"
+        )
+    sign = -1.0 if higher_is_better(key) else 1.0
+    return sorted(have, key=lambda r: (sign * r.metrics[key], r.trial_id, r.run_name, r.run_id))
+
+
+def summary_metrics(runs: list[RunRow]) -> list[str]:
+    """The test metric names a table shows: §5's, plus localization scores where any run logged them."""
+    extra = [m for m in LOCALIZATION_METRICS if any(f"test_{m}" in r.metrics for r in runs)]
+    return [*METRIC_NAMES, *extra]

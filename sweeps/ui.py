@@ -1,0 +1,85 @@
+"""The MLflow UI on a sweep's tracking store, bound to 127.0.0.1 (the store may hold patient paths).
+
+``start_ui(uri)`` runs ``mlflow ui`` in a child process, waits until its ``/health`` answers and
+returns the process with the base URL; the caller stops it. Port 0 picks a free port.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from .select import SelectionError
+
+__all__ = ["experiment_url", "free_port", "start_ui", "stop_ui"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def start_ui(
+    tracking_uri: str, *, host: str = "127.0.0.1", port: int = 0, workers: int = 1, timeout: float = 120.0
+) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow ui`` on ``tracking_uri``; return (process, ``http://host:port``) once it is healthy."""
+    if port == 0:
+        port = free_port(host)
+    elif _port_taken(host, port):
+        raise SelectionError(f"--port {port}: something already listens on {host}:{port} (use --port 0)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = (proc.stderr.read() if proc.stderr else "")[-2000:]
+            raise SelectionError(f"mlflow ui exited with code {proc.returncode}: {err}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    stop_ui(proc)
+    raise SelectionError(f"mlflow ui on {url} did not become healthy within {timeout:.0f} s")
+
+
+def stop_ui(proc: subprocess.Popen) -> None:
+    """Stop the UI server (SIGTERM, then SIGKILL after 10 s)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def experiment_url(base: str, experiment_id: str | None) -> str:
+    """The runs table of one experiment (a sweep; MLflow 3 opens on a GenAI overview otherwise)."""
+    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/#/experiments"
