@@ -74,8 +74,40 @@ except KeyError as e:
     sys.exit(f"mlflow/serve.sh: {sys.argv[1]} needs the environment variable {e.args[0]}")
 PY
 
-# Local artifact destinations must exist; s3:// (MinIO, AWS) needs boto3 and AWS_* / MLFLOW_S3_ENDPOINT_URL.
+# Local artifact destinations must exist; s3:// (MinIO, AWS) needs boto3 and AWS_ACCESS_KEY_ID /
+# AWS_SECRET_ACCESS_KEY (+ MLFLOW_S3_ENDPOINT_URL for MinIO). MLFLOW_CREATE_BUCKET=true creates the
+# bucket when it is missing (compose: a fresh MinIO has none).
 case "$MLFLOW_ARTIFACTS_DESTINATION" in
+  s3://*)
+    if [ "${MLFLOW_CREATE_BUCKET:-false}" = true ]; then
+      "$PYTHON" - "$MLFLOW_DB_WAIT_S" <<'PY' || exit 2
+import os, sys, time
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions
+
+bucket = urlparse(os.environ["MLFLOW_ARTIFACTS_DESTINATION"]).netloc
+endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+s3 = boto3.client("s3", endpoint_url=endpoint)
+deadline = time.monotonic() + float(sys.argv[1])
+while True:
+    try:
+        s3.head_bucket(Bucket=bucket)
+        break
+    except botocore.exceptions.ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            s3.create_bucket(Bucket=bucket)
+            print(f"mlflow/serve.sh: created bucket {bucket} at {endpoint or 'AWS'}", file=sys.stderr)
+            break
+        sys.exit(f"mlflow/serve.sh: bucket {bucket} at {endpoint or 'AWS'}: {e} (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    except botocore.exceptions.EndpointConnectionError as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"mlflow/serve.sh: object store {endpoint} unreachable: {e}")
+        time.sleep(2)
+PY
+    fi
+    ;;
   *://*) ;;
   *) mkdir -p "$MLFLOW_ARTIFACTS_DESTINATION" ;;
 esac
