@@ -1,17 +1,27 @@
 """Attention-loss training step ÷ cross-entropy step, side by side on the same model and batch.
 
-Both steps are the product's own :func:`trainer.loop.training_step` (λ = 1 is the plain CE
-path, no CAM); the attention steps run λ = 0.5 in ``soft`` (double-backward through the head)
-and ``paper`` (no gradient through the CAM) modes. Steps are interleaved — CE, soft, paper,
-CE, ... — so drift in machine load hits all three alike; the median of each is reported.
+Every step is the product's own :func:`trainer.loop.training_step` (λ = 1 is the plain CE
+path, no CAM); the attention steps run λ = 0.5 in ``soft`` (CAM differentiable w.r.t. the
+parameters) and ``paper`` (no gradient through the CAM) modes. For backbones where Grad-CAM
+takes a head shortcut (VGG, see :mod:`trainer.cam`), ``soft_ref`` runs the same soft step with
+the reference double backward through the whole head: the before/after of that optimization,
+measured in the same run. Steps are interleaved — CE, soft, paper, [soft_ref,] CE, ... — so
+drift in machine load hits all variants alike; the median of each is reported.
 
     python benchmarks/step_time.py --out benchmarks/results/step_time_cpu.json
-    python benchmarks/step_time.py --smoke          # seconds, for tests
+    python benchmarks/step_time.py --device cuda --out benchmarks/results/step_time_gpu.json
+    python benchmarks/step_time.py --profile vgg16:soft     # torch.profiler table of one step
+    python benchmarks/step_time.py --smoke                  # seconds, for tests
+
+On CUDA the cases run at batch 32–64 with bf16 autocast and channels_last (the trainer's GPU
+defaults), and each variant's peak ``torch.cuda.max_memory_allocated`` is recorded too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import platform
 import statistics
@@ -21,10 +31,14 @@ from pathlib import Path
 
 import torch
 
+import trainer.loop
 from trainer.backbones import create_backbone
+from trainer.cam import _conv_mlp_head, grad_cam
 from trainer.config import AttentionConfig
 from trainer.loop import training_step
 from trainer.priors import DEFAULT_PRIORS, prior_table
+
+__all__ = ["CPU_CASES", "GPU_CASES", "StepCase", "main"]
 
 CPU_CASES = [  # (backbone, image size, batch)
     ("resnet18", 128, 8),
@@ -32,82 +46,169 @@ CPU_CASES = [  # (backbone, image size, batch)
     ("vgg16", 224, 2),
     ("pvt_v2_b2_li", 224, 2),
 ]
+GPU_CASES = [
+    ("resnet50", 224, 64),
+    ("vgg16", 224, 32),
+    ("pvt_v2_b2_li", 224, 64),
+]
 SMOKE_CASES = [("test_resnet", 64, 4)]
 CLASSES = ("No Finding", "Effusion")
+_ATTENTION = {
+    "ce": ({"lambda": 1.0}, 1.0),
+    "soft": ({"lambda": 0.5, "mode": "soft", "cam_target": "label"}, 0.5),
+    "paper": ({"lambda": 0.5, "mode": "paper"}, 0.5),
+    "soft_ref": ({"lambda": 0.5, "mode": "soft", "cam_target": "label"}, 0.5),
+}
+
+
+class StepCase:
+    """One backbone, batch and device with its optimizer; ``step(kind)`` runs one training step."""
+
+    def __init__(self, name: str, size: int, batch: int, device: str = "cpu") -> None:
+        torch.manual_seed(0)
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.model = create_backbone(name, num_classes=2).to(self.device).train()
+        if cuda:  # the trainer's GPU defaults: channels_last + bf16 autocast
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = torch.bfloat16 if cuda else None
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-5)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        x = torch.randn(batch, 3, size, size, device=self.device)  # (B, 3, S, S)
+        self.x = x.contiguous(memory_format=torch.channels_last) if cuda else x
+        self.y = torch.arange(batch, device=self.device) % 2  # half No Finding, half Effusion
+        box = [[size // 8, size // 8, 3 * size // 4, 3 * size // 4]] * batch
+        self.box = torch.tensor(box, device=self.device)  # (B, 4) x, y, w, h
+        self.table = prior_table(CLASSES, DEFAULT_PRIORS).to(self.device)
+        self.kinds = ["ce", "soft", "paper"]
+        if _conv_mlp_head(self.model) is not None:
+            self.kinds.append("soft_ref")
+
+    def step(self, kind: str) -> float:
+        """Seconds for one optimisation step of ``kind`` (device synchronised)."""
+        cfg, lam = _ATTENTION[kind]
+        self._sync()
+        t0 = time.perf_counter()
+        with _reference_cam() if kind == "soft_ref" else contextlib.nullcontext():
+            training_step(
+                self.model,
+                self.x,
+                self.y,
+                self.box,
+                self.opt,
+                self.scaler,
+                AttentionConfig(**cfg),
+                lam,
+                self.table,
+                self.amp_dtype,
+            )
+        self._sync()
+        return time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@contextlib.contextmanager
+def _reference_cam():
+    """Make the training step take Grad-CAM's reference path (whole-head double backward)."""
+    trainer.loop.grad_cam = functools.partial(grad_cam, cam_weights="autograd")
+    try:
+        yield
+    finally:
+        trainer.loop.grad_cam = grad_cam
 
 
 def bench_case(name: str, size: int, batch: int, repeats: int, warmup: int, device: str) -> dict:
-    torch.manual_seed(0)
-    model = create_backbone(name, num_classes=2).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    x = torch.randn(batch, 3, size, size, device=device)  # (B, 3, S, S)
-    y = torch.arange(batch, device=device) % 2  # half No Finding, half Effusion
-    box = torch.tensor([[size // 8, size // 8, 3 * size // 4, 3 * size // 4]] * batch, device=device)
-    table = prior_table(CLASSES, DEFAULT_PRIORS).to(device)
-    kinds = {
-        "ce": (AttentionConfig(**{"lambda": 1.0}), 1.0),
-        "soft": (AttentionConfig(**{"lambda": 0.5, "mode": "soft", "cam_target": "label"}), 0.5),
-        "paper": (AttentionConfig(**{"lambda": 0.5, "mode": "paper"}), 0.5),
-    }
-
-    def step(kind: str) -> float:
-        att, lam = kinds[kind]
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        training_step(model, x, y, box, opt, scaler, att, lam, table)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
+    case = StepCase(name, size, batch, device)
     for _ in range(warmup):
-        for kind in kinds:
-            step(kind)
-    times: dict[str, list[float]] = {k: [] for k in kinds}
+        for kind in case.kinds:
+            case.step(kind)
+    times: dict[str, list[float]] = {k: [] for k in case.kinds}
     for _ in range(repeats):
-        for kind in kinds:
-            times[kind].append(step(kind))
+        for kind in case.kinds:
+            times[kind].append(case.step(kind))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {
+    out = {
         "backbone": name,
         "image_size": size,
         "batch": batch,
         "repeats": repeats,
+        "amp": str(case.amp_dtype).replace("torch.", "") if case.amp_dtype else "fp32",
+        "channels_last": case.device.type == "cuda",
         "median_s": med,
-        "ratio_soft_over_ce": med["soft"] / med["ce"],
-        "ratio_paper_over_ce": med["paper"] / med["ce"],
+        **{f"ratio_{k}_over_ce": med[k] / med["ce"] for k in case.kinds if k != "ce"},
         "all_s": times,
     }
+    if case.device.type == "cuda":
+        out["peak_memory_bytes"] = _cuda_peaks(case)
+        out["ratio_peak_memory_soft_over_ce"] = (
+            out["peak_memory_bytes"]["soft"] / out["peak_memory_bytes"]["ce"]
+        )
+    return out
+
+
+def _cuda_peaks(case: StepCase) -> dict[str, int]:
+    """Each variant's peak allocated memory in one step (params, grads, Adam state included)."""
+    peaks = {}
+    for kind in case.kinds:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(case.device)
+        case.step(kind)
+        peaks[kind] = int(torch.cuda.max_memory_allocated(case.device))
+    return peaks
+
+
+def profile_step(spec: str, device: str, rows: int = 25) -> str:
+    """``backbone:kind`` → torch.profiler table (self CPU time, by input shape) of one warm step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name, kind = spec.split(":")
+    size, batch = next(((s, b) for n, s, b in [*CPU_CASES, *SMOKE_CASES] if n == name), (224, 2))
+    case = StepCase(name, size, batch, device)
+    case.step(kind)
+    case.step(kind)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        seconds = case.step(kind)
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"{name} {kind} step: {seconds:.3f} s (under the profiler)\n{table}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/step_time_cpu.json"))
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON file (default: results/step_time_<dev>.json)"
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true", help="one tiny case, one repeat")
     ap.add_argument("--only", nargs="*", help="backbone names to run")
+    ap.add_argument("--profile", metavar="BACKBONE:KIND", help="print a profile of one step and exit")
     args = ap.parse_args(argv)
-    cases = SMOKE_CASES if args.smoke else CPU_CASES
+    if args.profile:
+        print(profile_step(args.profile, args.device))
+        return 0
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    cases = SMOKE_CASES if args.smoke else GPU_CASES if cuda else CPU_CASES
     if args.only:
         cases = [c for c in cases if c[0] in args.only]
     repeats, warmup = (1, 1) if args.smoke else (args.repeats, args.warmup)
+    out = args.out or Path(f"benchmarks/results/step_time_{'gpu' if cuda else 'cpu'}.json")
     results = []
     for name, size, batch in cases:
         r = bench_case(name, size, batch, repeats, warmup, args.device)
         results.append(r)
         med = r["median_s"]
-        print(
-            f"{name:14s} {size}px b{batch}: CE {med['ce']:.3f}s  soft {med['soft']:.3f}s "
-            f"({r['ratio_soft_over_ce']:.3f}x)  paper {med['paper']:.3f}s ({r['ratio_paper_over_ce']:.3f}x)",
-            flush=True,
-        )
+        ratios = "  ".join(f"{k} {med[k]:.3f}s ({r[f'ratio_{k}_over_ce']:.3f}x)" for k in med if k != "ce")
+        print(f"{name:14s} {size}px b{batch}: CE {med['ce']:.3f}s  {ratios}", flush=True)
     report = {
         "benchmark": "step_time",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "device": args.device,
+        "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -116,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "target_ratio": 1.10,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
     return 0
 
 

@@ -16,6 +16,7 @@ def test_step_time_smoke(tmp_path):
     (r,) = report["results"]
     assert r["backbone"] == "test_resnet" and r["median_s"]["ce"] > 0
     assert r["ratio_soft_over_ce"] == r["median_s"]["soft"] / r["median_s"]["ce"]
+    assert "soft_ref" not in r["median_s"]  # no head shortcut on a ResNet: nothing to compare
 
 
 @pytest.mark.slow
@@ -28,3 +29,57 @@ def test_sweep_efficiency_smoke(tmp_path):
     assert report["grid"]["trials"] == 2 and report["optuna_asha"]["trials"] == 2
     over = report["overhead"]
     assert over["reuse_actors"]["ratio"] > 0 and over["fresh_actors"]["trials"] == 2
+
+
+def test_authors_baseline_smoke(tmp_path):
+    import authors_baseline
+
+    out = tmp_path / "ab.json"
+    assert authors_baseline.main(["--smoke", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["train_images"] == 2 and r["val_images"] == 2
+    parts = r["authors_parts_s"]
+    assert all(parts[k] > 0 for k in ("deepcopy", "unet", "gradcam", "read_batch", "classifier"))
+    assert sum(parts.values()) <= r["authors_epoch_s"]
+    assert set(r["ours_epoch_s"]) == {"paper", "soft"} and min(r["ours_epoch_s"].values()) > 0
+    assert r["ratio_authors_over_ours"]["soft"] == r["authors_epoch_s"] / r["ours_epoch_s"]["soft"]
+
+
+def test_classic_unet_shapes_and_channels():
+    import authors_baseline
+    import torch
+
+    unet = authors_baseline.ClassicUNet(base=4).eval()
+    convs = [m.out_channels for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert max(convs) == 64 and min(c for c in convs if c > 1) == 4  # base → 16·base, as 64 → 1024
+    with torch.no_grad():
+        assert unet(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_memory_smoke(tmp_path):
+    import memory
+
+    out = tmp_path / "mem.json"
+    assert memory.main(["--smoke", "--out", str(out), "--steps", "1"]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r["peak_rss_bytes"]) == {"ce", "soft", "paper"}
+    assert r["peak_rss_bytes"]["ce"] > 100 * 2**20  # a real process peak, not a delta
+    assert r["ratio_peak_soft_over_ce"] == r["peak_rss_bytes"]["soft"] / r["peak_rss_bytes"]["ce"]
+
+
+def test_step_time_reference_variant_for_vgg_heads():
+    """soft_ref (the before of the VGG head shortcut) runs where the shortcut applies, only there."""
+    import step_time
+    import torch
+    from timm.models.vgg import VGG
+
+    import trainer.loop
+    from trainer.cam import grad_cam
+
+    case = step_time.StepCase("test_resnet", 64, 2)
+    assert case.kinds == ["ce", "soft", "paper"]
+    case.model = VGG([8, "M", 8, "M", 8, "M", 8, "M", 8, "M"], num_classes=2, mlp_ratio=1 / 64)
+    case.opt = torch.optim.Adam(case.model.parameters())
+    for kind in ("soft", "soft_ref"):
+        assert case.step(kind) > 0
+    assert trainer.loop.grad_cam is grad_cam  # the product's path is restored after the step
