@@ -99,18 +99,24 @@ def best(
 
 
 def _best_table(ranked, key: str, found) -> Table:
-    from .select import LOCALIZATION_METRICS
+    from .select import localization_logged
 
-    shown = ["f1_macro", *(m for m in LOCALIZATION_METRICS if any(f"test_{m}" in r.metrics for r in ranked))]
+    shown = ["f1_macro", *localization_logged(ranked)]
     shown += ["accuracy", "auc", "sensitivity", "specificity", "youden_index", "discriminant_power"]
     short = {
-        "youden_index": "YI",
-        "discriminant_power": "DP",
+        "f1_macro": "F1",
         "pointing_game": "pointing",
         "cam_in_region": "CAM in",
+        "accuracy": "acc",
+        "auc": "AUC",
+        "sensitivity": "sens",
+        "specificity": "spec",
+        "youden_index": "YI",
+        "discriminant_power": "DP",
     }
     table = Table(
-        title=f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); test metrics",
+        title=f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); "
+        "test metrics right of it",
         caption=f"tracking store: {found.tracking_uri}",
     )
     table.add_column("#", justify="right")
@@ -119,7 +125,7 @@ def _best_table(ranked, key: str, found) -> Table:
     table.add_column("params")
     table.add_column(key, justify="right", style="bold")
     for m in shown:
-        table.add_column(f"test {short.get(m, m)}", justify="right")
+        table.add_column(short.get(m, m), justify="right")
     for i, r in enumerate(ranked):
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r.searched.items())
         values = [_num(r.metrics.get(f"test_{m}")) for m in shown]
@@ -280,7 +286,11 @@ def ui(
         if exp is None:
             raise _cli()._fail(f"unknown sweep {sweep!r}: no MLflow experiment {name!r} in {uri}")
         exp_id = exp.experiment_id
+    import signal
+    import sys
+
     proc, base = _guard(start_ui, uri, port=port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too (finally below)
     console = _cli().console
     console.print(f"MLflow UI on {uri}")
     console.print(f"open {experiment_url(base, exp_id)}  (Ctrl-C stops it)", soft_wrap=True)

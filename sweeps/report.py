@@ -24,7 +24,7 @@ from pathlib import Path
 from trainer.metrics import higher_is_better
 from trainer.tasks import TASKS
 
-from .select import LOCALIZATION_METRICS, RunRow, metric_key, rank_runs, summary_metrics
+from .select import RunRow, localization_logged, metric_key, rank_runs, summary_metrics
 
 __all__ = ["SUMMARY_METRICS", "Report", "build_report", "lambda_label"]
 
@@ -103,7 +103,7 @@ def build_report(runs: list[RunRow], metric: str, out_dir: str | Path, title: st
     cells = _best_cells(runs, metric)
     metrics = summary_metrics(runs)
     detail = _detail_rows(cells, metrics)
-    shown = [*SUMMARY_METRICS, *(m for m in LOCALIZATION_METRICS if m in metrics)]
+    shown = [*SUMMARY_METRICS, *localization_logged(runs)]
     summary = _summary_rows(cells, shown, metric)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

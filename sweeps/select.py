@@ -25,6 +25,7 @@ __all__ = [
     "SelectionError",
     "SweepRuns",
     "find_runs",
+    "localization_logged",
     "metric_key",
     "open_store",
     "rank_runs",
@@ -262,7 +263,11 @@ def rank_runs(runs: list[RunRow], metric: str) -> list[RunRow]:
     return sorted(have, key=lambda r: (sign * r.metrics[key], r.trial_id, r.run_name, r.run_id))
 
 
+def localization_logged(runs: list[RunRow]) -> list[str]:
+    """The localization scores (pointing game, CAM in lesion) that any of ``runs`` logged on test."""
+    return [m for m in LOCALIZATION_METRICS if any(f"test_{m}" in r.metrics for r in runs)]
+
+
 def summary_metrics(runs: list[RunRow]) -> list[str]:
     """The test metric names a table shows: §5's, plus localization scores where any run logged them."""
-    extra = [m for m in LOCALIZATION_METRICS if any(f"test_{m}" in r.metrics for r in runs)]
-    return [*METRIC_NAMES, *extra]
+    return [*METRIC_NAMES, *localization_logged(runs)]

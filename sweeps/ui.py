@@ -1,11 +1,15 @@
 """The MLflow UI on a sweep's tracking store, bound to 127.0.0.1 (the store may hold patient paths).
 
 ``start_ui(uri)`` runs ``mlflow ui`` in a child process, waits until its ``/health`` answers and
-returns the process with the base URL; the caller stops it. Port 0 picks a free port.
+returns the process with the base URL; the caller stops it. Port 0 picks a free port. The
+server's GenAI job runner (judges, scorers: a pool of worker processes) is off unless
+``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise: browsing sweeps does not need it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,7 +55,11 @@ def start_ui(
         "--workers",
         str(workers),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # its own process group: stopping it stops the uvicorn workers it starts, too
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,14 +78,17 @@ def start_ui(
 
 
 def stop_ui(proc: subprocess.Popen) -> None:
-    """Stop the UI server (SIGTERM, then SIGKILL after 10 s)."""
-    if proc.poll() is None:
-        proc.terminate()
+    """Stop the UI server and its workers (SIGTERM to its process group, SIGKILL after 10 s)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)  # the group start_ui created: the server and its children only
+        except ProcessLookupError:
+            break
         try:
             proc.wait(timeout=10)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            continue
 
 
 def experiment_url(base: str, experiment_id: str | None) -> str:

@@ -1,0 +1,138 @@
+"""`cxr-sweep best`: validation-only selection over a sweep's finished runs (crafted MLflow store)."""
+
+import json
+import random
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from sweeps.cli import app
+from sweeps.cli_results import _best_table
+from sweeps.select import SelectionError, find_runs, metric_key, rank_runs
+
+from . import _results_fixtures as fx
+from ._results_fixtures import copy_crafted
+
+crafted = fx.crafted  # the fixture
+
+runner = CliRunner()
+
+
+def _best(c, *args):
+    return runner.invoke(app, ["best", c.experiment, "--tracking-uri", c.uri, *args], env={"COLUMNS": "250"})
+
+
+def _ids(c, labels):
+    return [c.runs[label] for label in labels]
+
+
+def test_best_selects_on_validation_even_when_another_run_is_best_on_test(crafted):
+    result = _best(crafted, "--json", "--top", "10")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    finished = ["vgg_one", "vgg_half", "r50_half", "r50_adapt", "vgg_adapt", "r50_half_b", "r50_one"]
+    assert [r["run_id"] for r in rows] == _ids(crafted, finished)
+    best_on_test = max(rows, key=lambda r: r["metrics"]["test_f1_macro"])
+    assert best_on_test["run_id"] == crafted.runs["r50_half_b"] != rows[0]["run_id"]
+    assert rows[0]["selection_metric"] == "best_val_f1_macro" and rows[0]["rank"] == 1
+    assert rows[0]["metrics"] == crafted.metrics["vgg_one"]  # exactly what was logged
+    assert rows[0]["searched"] == {"attention.lambda": "1.0", "attention.threshold": "0.5"}
+
+
+def test_ties_break_by_trial_id_whatever_the_order_runs_come_in(crafted):
+    runs = find_runs([crafted.experiment], tracking_uri=crafted.uri).runs
+    expected = [r.run_id for r in rank_runs(runs, "f1_macro")]
+    for seed in range(5):
+        random.Random(seed).shuffle(runs)
+        assert [r.run_id for r in rank_runs(runs, "val_f1_macro")] == expected
+    assert expected[:2] == _ids(crafted, ["vgg_one", "vgg_half"])  # equal best_val_f1_macro 0.83
+
+
+def test_lower_is_better_metrics_rank_ascending(crafted):
+    runs = find_runs([crafted.experiment], tracking_uri=crafted.uri).runs
+    ranked = rank_runs(runs, "best_val_fdr")
+    values = [r.metrics["best_val_fdr"] for r in ranked]
+    assert values == sorted(values)
+    assert metric_key("f1_macro") == metric_key("val_f1_macro") == metric_key("best_val_f1_macro")
+
+
+def test_stopped_failed_and_older_runs_are_left_out_unless_asked(crafted):
+    ids = {r["run_id"] for r in json.loads(_best(crafted, "--json", "--top", "50").output)}
+    assert not ids & set(_ids(crafted, ["stopped", "failed", "old"]))
+    with_stopped = json.loads(_best(crafted, "--json", "--include-stopped").output)
+    assert with_stopped[0]["run_id"] == crafted.runs["stopped"]  # 0.97 on validation, no test metrics
+    whole_experiment = runner.invoke(
+        app, ["best", "--experiment", crafted.experiment, "--tracking-uri", crafted.uri, "--json"]
+    )
+    assert json.loads(whole_experiment.output)[0]["run_id"] == crafted.runs["old"]  # every trial run
+
+
+def test_filter_narrows_the_runs(crafted):
+    result = _best(crafted, "--json", "--filter", "params.`model.backbone` = 'resnet50'")
+    rows = json.loads(result.output)
+    assert {r["params"]["model.backbone"] for r in rows} == {"resnet50"}
+    assert rows[0]["run_id"] == crafted.runs["r50_half"]
+
+
+def test_table_shows_test_metrics_with_localization_next_to_f1(crafted):
+    result = _best(crafted, "--top", "2")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "best_val_f1_macro" in line and "┃" in line)
+    for col in ("F1", "pointing", "CAM in", "YI", "DP", "sens", "spec"):
+        assert col in header, col
+    assert header.index("F1") < header.index("pointing") < header.index("CAM in") < header.index("acc")
+    assert f"{crafted.metrics['vgg_one']['test_youden_index']:.3f}" in result.output
+    found = find_runs([crafted.experiment], tracking_uri=crafted.uri)
+    for r in found.runs:  # as if no run had lesion masks
+        r.metrics = {k: v for k, v in r.metrics.items() if not k.endswith(("pointing_game", "cam_in_region"))}
+    console = Console(width=250, record=True)
+    console.print(_best_table(rank_runs(found.runs, "f1_macro"), "best_val_f1_macro", found))
+    text = console.export_text()
+    assert "pointing" not in text and "CAM in" not in text and "YI" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nope"], "unknown sweep 'nope': no MLflow experiment of that name"),
+        (
+            ["crafted", "--metric", "val_nope"],
+            "best_val_nope was never logged by these runs; logged: best_val_a",
+        ),
+        (["crafted", "--metric", "test_f1_macro"], "selection uses validation metrics only"),
+        (["crafted", "--filter", "params.x ==="], "--filter"),
+    ],
+)
+def test_bad_input_is_a_clear_error(crafted, args, message):
+    result = runner.invoke(app, ["best", *args, "--tracking-uri", crafted.uri], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    if "nope" in args:
+        assert "experiments: Default, crafted" in result.output
+
+
+def test_a_sweep_without_finished_runs_says_what_it_has(crafted, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    c = copy_crafted(crafted, tmp_path)
+    client = MlflowClient(c.uri)
+    for label in ("r50_one", "r50_half", "r50_half_b", "r50_adapt", "vgg_one", "vgg_half", "vgg_adapt"):
+        client.set_terminated(c.runs[label], "KILLED")
+    with pytest.raises(
+        SelectionError,
+        match=r"no finished trial runs \(9 runs: 1 FAILED, 7 KILLED, 1 stopped early by ASHA\)",
+    ):
+        find_runs([c.experiment], tracking_uri=c.uri)
+    result = runner.invoke(
+        app, ["report", c.experiment, "--tracking-uri", c.uri, "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "no finished trial runs" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_store_is_not_created(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    result = runner.invoke(app, ["best", "x", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "no MLflow store at" in result.output
+    assert not (tmp_path / "none.db").exists()
