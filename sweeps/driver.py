@@ -241,8 +241,8 @@ def check_shared_storage(spec: SweepSpec) -> None:
         shutil.rmtree(probe_dir, ignore_errors=True)
     if problems:
         raise ConfigError(
-            f"storage_path: {spec.storage_path} is not shared across the cluster's nodes; from the "
-            f"driver's machine ({_driver_ip()}) it is not what these nodes see: " + "; ".join(problems) + ". "
+            f"storage_path: {spec.storage_path} is not shared across the cluster's nodes: these nodes do "
+            f"not see the directory the driver (on {_driver_ip()}) wrote to: " + "; ".join(problems) + ". "
             "Every node that runs trials must see the same directory at the same path (an NFS/CephFS "
             "mount, or one volume mounted at that path in every pod), or use s3://bucket/prefix. "
             "Otherwise trials write checkpoints and results the driver never sees, and a trial moved "

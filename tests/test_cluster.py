@@ -1,11 +1,18 @@
 """A simulated multi-node Ray cluster (ray.cluster_utils.Cluster) with fake GPUs."""
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from sweeps.driver import run_sweep
+from trainer.config import ConfigError
 
 from .conftest import peak_trials_per_gpu, sweep_overrides, sweep_runs
 
@@ -60,7 +67,6 @@ def test_trials_spread_over_nodes_and_never_oversubscribe_a_gpu(two_gpu_nodes, n
 
 def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_nodes, ne_cache, tmp_path):
     import threading
-    import time
 
     cluster, workers = two_gpu_nodes
     overrides = sweep_overrides(
@@ -81,8 +87,9 @@ def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_node
     removed = {}
 
     def remove_a_worker_once_a_trial_checkpointed_twice():
+        # both running trials (one per GPU node) have two checkpoints: the removed node's trial has one
         deadline = time.time() + 300
-        while time.time() < deadline and not list(tmp_path.glob("demo/*/checkpoint_000001")):
+        while time.time() < deadline and len(list(tmp_path.glob("demo/*/checkpoint_000001"))) < 2:
             time.sleep(0.2)
         removed["at"] = time.time()
         cluster.remove_node(workers[1])
@@ -100,9 +107,97 @@ def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_node
         # a trial restarted from scratch would log epochs 0.. twice; resumed ones log each once
         assert sorted(steps) == list(range(8)), steps
     assert {r.data.tags["ray.node_id"] for r in children} <= {w.node_id for w in workers}
-    # at least one trial was rescheduled: its results came from both nodes
-    moved = 0
+    assert len({r.data.tags["ray.trial_id"] for r in children}) == 3
+    # the trial on the removed node was rescheduled on the other one and resumed from its checkpoint
+    lost, affected = workers[1].node_id, 0
     for result_file in tmp_path.glob("demo/*/result.json"):
         lines = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
-        moved += len({x["node_id"] for x in lines}) > 1
-    assert moved >= 1
+        nodes = [x["node_id"] for x in lines]
+        if lost in nodes and nodes[-1] != lost:
+            affected += 1
+            before = max(x["epoch"] for x in lines if x["node_id"] == lost and "epoch" in x)
+            after = next(x for x in lines if x["node_id"] != lost)
+            assert before >= 1 and after["epoch"] == before + 1, (before, after["epoch"])  # not from epoch 0
+            assert lines[-1].get("trial_done") == 1
+    assert affected >= 1
+    assert not list(tmp_path.glob(".cxr-storage-check-*"))  # the shared-storage probe cleaned up
+
+
+def _mount_namespaces_work() -> bool:
+    try:
+        return (
+            subprocess.run(["unshare", "-m", "--propagation", "private", "true"], timeout=10).returncode == 0
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture
+def node_with_its_own_storage(tmp_path):
+    """Head + a GPU worker + a GPU worker that sees ``tmp_path/storage`` as an empty private tmpfs.
+
+    The third node runs in its own mount namespace: the same path, another filesystem, as on a
+    cluster whose storage_path is a node-local directory instead of a shared mount.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if not _mount_namespaces_work():
+        reason = "needs `unshare -m` (root with CAP_SYS_ADMIN) to give one Ray node its own filesystem"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}
+    )
+    sharing = cluster.add_node(num_cpus=1, num_gpus=1)
+    ray_bin = Path(sys.executable).parent / "ray"
+    start = (
+        f"mount -t tmpfs cxr-node-local {shlex.quote(str(storage))} && exec {shlex.quote(str(ray_bin))} "
+        f"start --block --address={cluster.address} --num-cpus=1 --num-gpus=1 --disable-usage-stats"
+    )
+    log = (tmp_path / "private-node.log").open("w")
+    private = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", start],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        deadline = time.time() + 120
+        while sum(n["Alive"] for n in ray.nodes()) < 3:
+            assert private.poll() is None, (tmp_path / "private-node.log").read_text()[-2000:]
+            assert time.time() < deadline, "the private-storage node did not join in 120 s"
+            time.sleep(0.5)
+        known = {cluster.head_node.node_id, sharing.node_id}
+        (private_id,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in known]
+        yield cluster, storage, private_id
+    finally:
+        ray.shutdown()
+        os.killpg(private.pid, signal.SIGTERM)
+        try:
+            private.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(private.pid, signal.SIGKILL)
+        log.close()
+        cluster.shutdown()
+
+
+def test_storage_path_not_shared_by_a_node_is_refused_before_any_trial(node_with_its_own_storage, ne_cache):
+    cluster, storage, private_id = node_with_its_own_storage
+    overrides = sweep_overrides(
+        ne_cache,
+        storage,
+        **{"trial.model.backbone": "test_resnet", "resources.cpu": "0.5", "resources.gpu": "1"},
+    )
+    with pytest.raises(ConfigError, match="is not shared across the cluster's nodes") as err:
+        run_sweep(ROOT / "search_spaces/demo.yaml", address=cluster.address, overrides=overrides)
+    msg = str(err.value)
+    assert f"(node {private_id[:8]}): cannot read" in msg and "No such file" in msg, msg
+    assert msg.count("(node ") == 1  # the node that shares the directory is not blamed
+    assert str(storage) in msg and "s3://" in msg and "docs/cluster.md" in msg
+    # nothing started, nothing half-written: no probe files, no sweep folder, no MLflow store
+    assert sorted(p.name for p in storage.iterdir()) == []
