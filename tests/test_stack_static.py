@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -186,7 +187,12 @@ def test_kuberay_cluster_has_gpu_workers_and_shared_storage_on_every_pod():
         mounted.add(claim)
         env = {e["name"] for e in container["env"]}
         assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= env
+        uri = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_TRACKING_URI")
+        service = docs[f"Service/{urlparse(uri).hostname.split('.')[0]}"]  # the tracking server is shipped
+        assert urlparse(uri).port in {p["port"] for p in service["spec"]["ports"]}
     assert len(mounted) == 1  # one claim: the same filesystem everywhere
+    server = docs["Deployment/mlflow"]["spec"]["template"]["spec"]
+    assert server["securityContext"]["runAsNonRoot"] is True
 
 
 def test_kuberay_job_runs_a_shipped_sweep_on_the_cluster():
