@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -457,6 +458,28 @@ def _model_card(meta: dict[str, Any], payload: dict[str, Any], run: RunRow) -> s
     )
 
 
+@contextlib.contextmanager
+def _fluent_uris(uri: str):
+    """Point MLflow's fluent API (``log_model`` needs it) at ``uri``, then restore the process exactly.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; left behind, it would redirect
+    every later store lookup of this process (and its children).
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: unset, back to the default
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
 def _register(
     uri: str, run: RunRow, model: nn.Module, example: torch.Tensor, out: Path, name: str
 ) -> tuple[str, str]:
@@ -464,32 +487,24 @@ def _register(
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
-    previous = mlflow.get_tracking_uri()
-    previous_registry = mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        with mlflow.start_run(run_id=run.run_id):
-            info = mlflow.pytorch.log_model(
-                pytorch_model=model,
-                name="model",
-                registered_model_name=name,
-                serialization_format="pt2",
-                input_example=example.numpy(),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                metadata={"classes": json.dumps(json.loads((out / META_FILE).read_text())["classes"])},
-                await_registration_for=60,
-            )
-            mlflow.log_artifact(str(out / "model_card.md"), artifact_path="export")
-            mlflow.log_artifact(str(out / META_FILE), artifact_path="export")
-        version = str(info.registered_model_version)
-        client = MlflowClient(uri, registry_uri=uri)
-        tags = {k: repr(v) for k, v in run.metrics.items() if k.startswith(("best_val_", "test_"))}
-        tags.update({"cxr.run_id": run.run_id, "cxr.sweep": run.sweep, "cxr.export_dir": str(out)})
-        for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, v)
-        client.update_model_version(name, version, description=(out / "model_card.md").read_text()[:5000])
-        return name, version
-    finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous_registry)
+    with _fluent_uris(uri), mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pytorch.log_model(
+            pytorch_model=model,
+            name="model",
+            registered_model_name=name,
+            serialization_format="pt2",
+            input_example=example.numpy(),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={"classes": json.dumps(json.loads((out / META_FILE).read_text())["classes"])},
+            await_registration_for=60,
+        )
+        mlflow.log_artifact(str(out / "model_card.md"), artifact_path="export")
+        mlflow.log_artifact(str(out / META_FILE), artifact_path="export")
+    version = str(info.registered_model_version)
+    client = MlflowClient(uri, registry_uri=uri)
+    tags = {k: repr(v) for k, v in run.metrics.items() if k.startswith(("best_val_", "test_"))}
+    tags.update({"cxr.run_id": run.run_id, "cxr.sweep": run.sweep, "cxr.export_dir": str(out)})
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    client.update_model_version(name, version, description=(out / "model_card.md").read_text()[:5000])
+    return name, version

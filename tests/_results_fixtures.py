@@ -3,8 +3,8 @@
 ``crafted_sweep``: an MLflow store written directly with MlflowClient — a sweep parent run and
 trial runs with chosen ``best_val_*`` / ``test_*`` metrics — so selection and report numbers can be
 checked exactly and in milliseconds. ``real_sweep``: one real tiny sweep (Ray Tune, timm
-``test_resnet`` at 64 px, one epoch, two trials), built once per test session and shared by the
-export, predict and UI tests.
+``test_resnet`` at 64 px, two epochs, two trials), built once per test session and shared by the
+export, predict and UI tests; ``real_export``: its best model exported once (no registry) for predict.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,11 +134,11 @@ class RealSweep:
     phantoms: Path
 
 
-_BUILT: dict[str, RealSweep] = {}
+_BUILT: dict[str, Any] = {}
 
 
 def build_real_sweep(phantom_dir: Path, cache: Path, storage: Path) -> RealSweep:
-    """A two-trial demo sweep on the session's phantom cache (one epoch, 64 px, timm test_resnet)."""
+    """A two-trial demo sweep on the session's phantom cache (two epochs, 64 px, timm test_resnet)."""
     if "sweep" in _BUILT:
         return _BUILT["sweep"]
     import ray
@@ -146,7 +147,10 @@ def build_real_sweep(phantom_dir: Path, cache: Path, storage: Path) -> RealSweep
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": a cluster of our own, even where someone else runs one on this machine
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     try:
         sets = sweep_overrides(
             cache,
@@ -154,7 +158,7 @@ def build_real_sweep(phantom_dir: Path, cache: Path, storage: Path) -> RealSweep
             **{
                 "name": "results",
                 "trial.model.backbone": "test_resnet",
-                "trial.train.epochs": "1",
+                "trial.train.epochs": "2",
                 "num_samples": "2",
                 "scheduler.type": "fifo",
                 "resources.cpu": "1",
@@ -172,3 +176,17 @@ def build_real_sweep(phantom_dir: Path, cache: Path, storage: Path) -> RealSweep
 @pytest.fixture(scope="session")
 def real_sweep(phantom_dir, ne_cache, tmp_path_factory) -> RealSweep:
     return build_real_sweep(phantom_dir, ne_cache, tmp_path_factory.mktemp("results-sweep"))
+
+
+@pytest.fixture(scope="session")
+def real_export(real_sweep, tmp_path_factory) -> Path:
+    """The sweep's best model as TorchScript + ONNX (not registered: test_export covers the registry)."""
+    if "export" not in _BUILT:
+        from sweeps.export import export_model
+
+        out = tmp_path_factory.mktemp("results-export") / "export"
+        export_model(
+            real_sweep.name, ["torchscript", "onnx"], out, storage=real_sweep.storage, register=False
+        )
+        _BUILT["export"] = out
+    return _BUILT["export"]
