@@ -7,6 +7,7 @@ driver's refusals (wrong or missing credentials, database down, server failing) 
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -48,15 +49,14 @@ def _postgres_installed() -> bool:
 
 
 @pytest.fixture(scope="module")
-def postgres_db():
-    """A throwaway database on the test PostgreSQL; dropped afterwards."""
+def pg_admin():
+    """An AUTOCOMMIT engine on the test PostgreSQL (skip without PostgreSQL, except under CI)."""
     if not _postgres_installed():
         msg = f"PostgreSQL is not installed: run `sudo bash {SETUP}`"
         if os.environ.get("CI"):
             pytest.fail(f"{msg} (CI must run it before the tests)")
         pytest.skip(msg)
     import sqlalchemy
-    from sqlalchemy.engine import make_url
 
     admin = sqlalchemy.create_engine(
         PG_URI, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
@@ -65,13 +65,24 @@ def postgres_db():
         admin.connect().close()
     except sqlalchemy.exc.OperationalError as e:
         pytest.fail(f"PostgreSQL is installed but {PG_URI} is not usable ({e.orig}): run `sudo bash {SETUP}`")
+    yield admin
+    admin.dispose()
+
+
+@contextlib.contextmanager
+def _database(admin):
+    """A throwaway database; dropped (connections closed) afterwards."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
     name = f"cxr_mlflow_{uuid.uuid4().hex[:10]}"
     with admin.connect() as c:
         c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    yield make_url(PG_URI).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield name, make_url(PG_URI).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _serve_env(backend: str, artifacts: Path, port: int) -> dict[str, str]:
@@ -91,15 +102,14 @@ def _serve_env(backend: str, artifacts: Path, port: int) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(postgres_db, tmp_path_factory):
+@contextlib.contextmanager
+def _server(backend: str, work: Path):
     """``mlflow/serve.sh`` on 127.0.0.1: PostgreSQL backend, local artifact directory, basic auth."""
-    work = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     log = (work / "server.log").open("w")
     proc = subprocess.Popen(
         ["bash", str(ROOT / "mlflow/serve.sh")],
-        env=_serve_env(postgres_db, work / "artifacts", port),
+        env=_serve_env(backend, work / "artifacts", port),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: uvicorn workers go down with it
@@ -120,14 +130,6 @@ def mlflow_server(postgres_db, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"MLflow server not up in 180 s:\n{(work / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        # a non-admin user: what a researcher would get from the admin
-        r = requests.post(
-            f"{url}/api/2.0/mlflow/users/create",
-            json={"username": USER, "password": PASSWORD},
-            auth=(ADMIN, ADMIN_PASSWORD),
-            timeout=60,
-        )
-        assert r.status_code == 200, r.text
         yield {"url": url, "artifacts": work / "artifacts", "log": work / "server.log"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -136,6 +138,20 @@ def mlflow_server(postgres_db, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(pg_admin, tmp_path_factory):
+    with _database(pg_admin) as (_, backend), _server(backend, tmp_path_factory.mktemp("mlflow")) as server:
+        # a non-admin user: what a researcher would get from the admin
+        r = requests.post(
+            f"{server['url']}/api/2.0/mlflow/users/create",
+            json={"username": USER, "password": PASSWORD},
+            auth=(ADMIN, ADMIN_PASSWORD),
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        yield server
 
 
 def _api(server, method: str, endpoint: str, auth=(USER, PASSWORD), **kw) -> requests.Response:
@@ -318,3 +334,20 @@ def test_serve_script_names_a_missing_setting_and_an_unreachable_database(tmp_pa
     del env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
     out = subprocess.run(["bash", str(ROOT / "mlflow/serve.sh")], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "MLFLOW_FLASK_SERVER_SECRET_KEY is not set" in out.stderr
+
+
+@pytest.mark.slow
+def test_server_whose_database_went_away_is_refused_in_one_request(pg_admin, tmp_path, monkeypatch):
+    import sqlalchemy
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    with _database(pg_admin) as (name, backend), _server(backend, tmp_path) as server:
+        check_tracking(server["url"])  # up: passes
+        with pg_admin.connect() as c:  # the backend store disappears under the running server
+            c.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match="is up but failing \\(HTTP 5") as err:
+            check_tracking(server["url"])
+        assert time.monotonic() - t0 < 5  # one request, no retries
+        assert "OperationalError" in str(err.value) and "PostgreSQL" in str(err.value)
