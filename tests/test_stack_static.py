@@ -148,6 +148,16 @@ def test_dockerfile_installs_the_project_like_the_makefile_with_pyproject_pins()
     for stage in (mlflow_stage, worker):
         users = re.findall(r"^USER\s+(\S+)", stage, re.M)
         assert users and users[-1] not in ("root", "0"), "each image must end as a non-root user"
+    # everything the Dockerfile copies is let through its .dockerignore (context: the repository root)
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    for copy in re.findall(r"^COPY\s+(.+)\s+\S+$", text, re.M):
+        for src in copy.split():
+            assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+            assert src.rstrip("/") in allowed, f"Dockerfile copies {src}, excluded by Dockerfile.dockerignore"
     make = (ROOT / "Makefile").read_text()
     assert "setuptools>=64" in make and "setuptools" in worker  # same build-tool step as the venv
 
