@@ -72,13 +72,15 @@ def write_cache(
     lesion_masks: np.ndarray | None = None,
     lesion_known: np.ndarray | None = None,
     extra: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a cache atomically and return its path.
 
     ``images``/``lung_masks`` ``(N, S, S)`` uint8; ``manifest`` N dicts with at least
     image_id, patient_id, label (a class name), split, source_path. Lung boxes default to the
-    union box of each lung mask (whole image when the mask is empty).
+    union box of each lung mask (whole image when the mask is empty). ``extra_files`` (name →
+    text, e.g. the data-quality report) are written beside the arrays, outside the content hash.
     """
     out = Path(out_dir).resolve()
     n = len(manifest)
@@ -130,6 +132,8 @@ def write_cache(
             w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
             w.writerows({c: r.get(c, "") for c in columns} for r in manifest)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         header = {
             "format_version": CACHE_FORMAT_VERSION,
             "size": size,

@@ -38,6 +38,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .splits import split_counts
+
 __all__ = ["CLASS_NAMES", "PhantomSet", "generate", "montage", "synthesize"]
 
 CLASS_NAMES: tuple[str, ...] = ("No Finding", "Effusion", "Pneumothorax", "Subcutaneous Emphysema")
@@ -761,23 +763,6 @@ def _check_shortcut(shortcut: Mapping[str, float] | None) -> dict[str, float] | 
     return out
 
 
-def _split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
-    """Largest-remainder split of ``n`` patients; a split with a positive fraction is non-empty
-    whenever ``n`` allows it."""
-    raw = [n * f for f in fractions]
-    counts = [math.floor(x) for x in raw]
-    order = sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))
-    for i in order[: n - sum(counts)]:
-        counts[i] += 1
-    for i in range(3):
-        if fractions[i] > 0 and counts[i] == 0:
-            donor = max(range(3), key=lambda k: counts[k])
-            if counts[donor] > 1:
-                counts[donor] -= 1
-                counts[i] += 1
-    return counts
-
-
 def synthesize(
     n_patients: int,
     classes: Sequence[str],
@@ -837,7 +822,7 @@ def synthesize(
     ss_struct, ss_pat, ss_img = np.random.SeedSequence(seed).spawn(3)
     rng = np.random.default_rng(ss_struct)
     per_patient = rng.integers(lo, hi + 1, size=n_patients)
-    counts = _split_counts(n_patients, fr)
+    counts = split_counts(n_patients, fr)
     psplit = np.empty(n_patients, dtype=np.int64)
     perm = rng.permutation(n_patients)
     psplit[perm[: counts[0]]] = 0
