@@ -59,15 +59,16 @@ def grad_cam(
     outer_grad = torch.is_grad_enabled()
     create_graph = outer_grad if create_graph is None else create_graph and outer_grad
     mlp = _conv_mlp_head(model) if cam_weights == "auto" else None
-    # Taken before the forward pass on purpose: autograd then runs its backward last, after the
-    # convolution's own weight gradient, and adds into that buffer in place (no 411 MB temporary).
-    kernel_sum = mlp.fc1.weight.sum(dim=(2, 3)) if mlp is not None else None  # (M, C)
+    # The head's weights as the shortcut uses them, taken *before* the forward pass on purpose:
+    # autograd then runs their backward last, after the layers' own weight gradients, and adds
+    # into those buffers in place (no second 411 MB / 67 MB gradient buffer, no copy).
+    head_w = _conv_mlp_weight_views(mlp) if mlp is not None else None
     feats = model.forward_features(images)  # (B, C, h, w) | (B, h, w, C) | (B, N, C)
     with torch.enable_grad():
         if not feats.requires_grad:  # validation under no_grad: graph through the head only
             feats = feats.detach().requires_grad_(True)
         if mlp is not None:
-            logits, weights = _conv_mlp_weights(model, mlp, kernel_sum, feats, target, create_graph)
+            logits, weights = _conv_mlp_weights(model, mlp, head_w, feats, target, create_graph)
         else:
             logits, weights = _autograd_weights(model, feats, target, create_graph)
     with torch.set_grad_enabled(outer_grad):
@@ -104,45 +105,69 @@ def _autograd_weights(model, feats, target, create_graph: bool) -> tuple[torch.T
 
 
 def _conv_mlp_head(model: nn.Module) -> nn.Module | None:
-    """timm's VGG ``ConvMlp`` head when its first layer allows the kernel-sum shortcut, else None.
+    """timm's VGG ``ConvMlp`` head when the kernel-sum shortcut is exact for it, else None.
 
     Needs: an unpadded, undilated, ungrouped ``fc1`` convolution (every output position sees
-    the whole kernel, so the spatial gradient sum factors through the kernel sum) and a ReLU
-    after it (no curvature, so the weights carry no derivative w.r.t. the features).
+    the whole kernel, so the spatial gradient sum factors through the kernel sum), a 1×1
+    ``fc2`` (a matrix over channels) and ReLUs after both (no curvature: the channel weights
+    carry no derivative w.r.t. the features, exactly as in the double backward).
     """
     mlp = getattr(model, "pre_logits", None)
     if not isinstance(mlp, ConvMlp):
         return None
-    fc1 = mlp.fc1
+    fc1, fc2 = mlp.fc1, mlp.fc2
     ok = (
         type(fc1) is nn.Conv2d
-        and tuple(fc1.padding) in ((0, 0),)
+        and type(fc2) is nn.Conv2d
+        and tuple(fc1.padding) == (0, 0)
         and tuple(fc1.dilation) == (1, 1)
         and fc1.groups == 1
+        and tuple(fc2.kernel_size) == (1, 1)
+        and tuple(fc2.stride) == (1, 1)
+        and tuple(fc2.padding) == (0, 0)
+        and fc2.groups == 1
         and type(mlp.act1) is nn.ReLU
+        and type(mlp.act2) is nn.ReLU
     )
     return mlp if ok else None
 
 
+def _conv_mlp_weight_views(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1's kernel summed over its taps ``(M, C)`` and fc2 as a matrix ``(M2, M)``."""
+    return mlp.fc1.weight.sum(dim=(2, 3)), mlp.fc2.weight.flatten(1)
+
+
 def _conv_mlp_weights(
-    model, mlp, kernel_sum, feats, target, create_graph: bool
+    model, mlp, head_w, feats, target, create_graph: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel weights through VGG's head without differentiating its 7×7 convolution twice.
+    """Channel weights through VGG's head without differentiating its convolutions twice.
 
     ConvMlp resizes features smaller than the kernel with an average pool (rows sum to one,
     so it keeps the spatial gradient sum), then ``fc1`` (valid conv): for every channel c,
     Σ_hw ∂s/∂A[c, h, w] = Σ_o (Σ_ij ∂s/∂z1[o, i, j]) · Σ_hw W1[o, c, h, w].
+    ∂s/∂z1 comes from autograd through the pool + classifier only, then by hand through
+    ReLU → 1×1 fc2 (a matmul) → dropout (autograd, elementwise) → ReLU.
     """
-    acts: list[torch.Tensor] = []
-    hook = mlp.act1.register_forward_hook(lambda _m, _i, out: acts.append(out))
+    kernel_sum, w2 = head_w  # (M, C), (M2, M)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        mlp.act1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("r1", out)),
+        mlp.fc2.register_forward_pre_hook(lambda _m, inp: seen.__setitem__("d1", inp[0])),
+        mlp.act2.register_forward_hook(lambda _m, _i, out: seen.__setitem__("r2", out)),
+    ]
     try:
         logits = model.forward_head(feats)  # (B, K): the model's own head, dropout included
     finally:
-        hook.remove()
-    (r1,) = acts  # (B, M, oh, ow) after ReLU (in place or not)
+        for h in hooks:
+            h.remove()
+    r1, d1, r2 = seen["r1"], seen["d1"], seen["r2"]  # (B, M, oh, ow), same, (B, M2, oh, ow)
     score = _target_score(logits, target)
-    (g_r1,) = torch.autograd.grad(score, r1, create_graph=create_graph, retain_graph=True)
-    g_z1 = (g_r1 * (r1 > 0)).sum(dim=(2, 3))  # (B, M): ∂s/∂z1 summed over output positions
+    (g_r2,) = torch.autograd.grad(score, r2, create_graph=create_graph, retain_graph=True)
+    g_z2 = (g_r2 * (r2 > 0)).permute(0, 2, 3, 1)  # (B, oh, ow, M2)
+    g_d1 = (g_z2 @ w2.to(g_z2.dtype)).permute(0, 3, 1, 2)  # (B, M, oh, ow): fc2 transposed
+    if d1 is not r1:  # dropout between act1 and fc2 (train mode, p > 0): its mask, by autograd
+        (g_d1,) = torch.autograd.grad(d1, r1, g_d1, create_graph=create_graph, retain_graph=True)
+    g_z1 = (g_d1 * (r1 > 0)).sum(dim=(2, 3))  # (B, M): ∂s/∂z1 summed over output positions
     hw = feats.shape[-2] * feats.shape[-1]
     return logits, (g_z1 @ kernel_sum.to(g_z1.dtype)) / hw  # (B, K), (B, C)
 
