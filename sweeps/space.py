@@ -23,6 +23,7 @@ from trainer.config import (
     apply_overrides,
     format_validation_error,
     load_yaml_mapping,
+    resolve_priors_file,
     set_dotted,
 )
 
@@ -231,6 +232,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     if "://" not in storage and not Path(storage).is_absolute():
         storage = str((base / storage).resolve())
     trial = copy.deepcopy(spec.trial)
+    resolve_priors_file(trial, base)
     trial.setdefault("name", spec.name)
     trial.setdefault(
         "output_dir", str(Path(storage) / spec.name / "_base") if "://" not in storage else "runs"

@@ -30,6 +30,7 @@ __all__ = [
     "format_validation_error",
     "load_config",
     "load_yaml_mapping",
+    "resolve_priors_file",
     "set_dotted",
 ]
 
@@ -130,8 +131,20 @@ class AttentionConfig(_Strict):
     )
     priors: dict[str, RegionPrior] = Field(
         default_factory=lambda: dict(DEFAULT_PRIORS),
-        description="Region prior per pathology class name (relative to the lung box).",
+        description=(
+            "Region prior per pathology class name (relative to the lung box), or the path of a "
+            "priors YAML written by `cxr-sweep prior` (its classes replace the defaults)."
+        ),
     )
+
+    @field_validator("priors", mode="before")
+    @classmethod
+    def _priors_file(cls, v: Any) -> Any:
+        if isinstance(v, str | Path):
+            from .priors import load_priors
+
+            return {**DEFAULT_PRIORS, **load_priors(v)}
+        return v
 
     @field_validator("lambda_")
     @classmethod
@@ -194,6 +207,7 @@ class TrialConfig(_Strict):
         path = Path(path)
         raw = load_yaml_mapping(path, "config file")
         apply_overrides(raw, overrides or [])
+        resolve_priors_file(raw, path.parent)
         cfg = cls.from_dict(raw, source=str(path))
         return cfg.resolve_paths(base=path.parent)
 
@@ -237,6 +251,14 @@ class TrialConfig(_Strict):
 
         walk("", self.to_dict())
         return out
+
+
+def resolve_priors_file(raw: dict[str, Any], base: Path) -> None:
+    """A relative ``attention.priors`` file path in a config mapping is relative to the file's folder."""
+    att = raw.get("attention")
+    if isinstance(att, dict) and isinstance(att.get("priors"), str):
+        p = Path(att["priors"]).expanduser()
+        att["priors"] = str(p if p.is_absolute() else (Path(base).resolve() / p))
 
 
 def load_config(source: str | Path | dict[str, Any] | TrialConfig) -> TrialConfig:

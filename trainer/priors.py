@@ -15,15 +15,27 @@ box or the columns *outside* it, within its rows. The paper's priors are:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._registry import Registry
 
-__all__ = ["DEFAULT_PRIORS", "PRIORS", "RegionPrior", "create_prior", "prior_table", "region_masks"]
+__all__ = [
+    "DEFAULT_PRIORS",
+    "PRIORS",
+    "RegionPrior",
+    "create_prior",
+    "load_priors",
+    "prior_from_boxes",
+    "prior_table",
+    "region_masks",
+    "save_prior",
+]
 
 
 class RegionPrior(BaseModel):
@@ -77,6 +89,87 @@ DEFAULT_PRIORS: dict[str, RegionPrior] = {
     "Pneumothorax": create_prior("upper_lung"),
     "Subcutaneous Emphysema": create_prior("outside_lung_columns"),
 }
+
+
+def prior_from_boxes(
+    lung_box: Sequence[float],
+    lesion_box: Sequence[float],
+    columns: Literal["auto", "inside", "outside"] = "auto",
+    both_sides: bool = True,
+) -> RegionPrior:
+    """The prior of one annotated X-ray: its lesion box (x, y, w, h) in units of its lung box.
+
+    ``columns="auto"`` picks ``outside`` when the lesion lies wholly beside the lung box's columns
+    (subcutaneous emphysema), else ``inside``. ``both_sides`` mirrors the column band about the
+    lung box's centre line and takes the union: a finding seen on one side of one patient may be
+    on either side of the next.
+    """
+    lx, ly, lw, lh = (float(v) for v in lung_box)
+    x, y, w, h = (float(v) for v in lesion_box)
+    if lw <= 0 or lh <= 0 or w <= 0 or h <= 0:
+        raise ValueError(
+            f"boxes need positive width and height: lung {tuple(lung_box)}, lesion {tuple(lesion_box)}"
+        )
+    x0, x1 = (x - lx) / lw, (x + w - lx) / lw
+    y0, y1 = (y - ly) / lh, (y + h - ly) / lh
+    if columns == "auto":
+        columns = "outside" if x1 <= 0.0 or x0 >= 1.0 else "inside"
+    if columns == "outside":  # the band of lung columns to exclude, in these rows
+        return RegionPrior(x=(0.0, 1.0), y=(round(y0, 4), round(y1, 4)), columns="outside")
+    if both_sides:
+        x0, x1 = min(x0, 1.0 - x1), max(x1, 1.0 - x0)
+    return RegionPrior(x=(round(x0, 4), round(x1, 4)), y=(round(y0, 4), round(y1, 4)), columns="inside")
+
+
+def load_priors(path: str | Path) -> dict[str, RegionPrior]:
+    """Priors from YAML (``cxr-sweep prior``): ``{priors: {Class: {x, y, columns}}}`` or ``{Class: ...}``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"priors file {path}: not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"priors file {path}: not valid YAML: {e}") from None
+    if isinstance(data, dict) and "priors" in data:
+        data = data["priors"]
+    if not isinstance(data, dict):
+        raise ValueError(f"priors file {path}: expected a mapping of class name to prior")
+    out = {}
+    for name, raw in data.items():
+        raw = {k: v for k, v in (raw or {}).items() if k != "source"} if isinstance(raw, dict) else raw
+        try:
+            out[str(name)] = RegionPrior.model_validate(raw)
+        except ValidationError as e:
+            why = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors()
+            )
+            raise ValueError(f"priors file {path}: prior {name!r}: {why}") from None
+    return out
+
+
+def save_prior(path: str | Path, label: str, prior: RegionPrior, source: dict[str, Any]) -> Path:
+    """Add (or replace) ``label``'s prior in the priors YAML at ``path``, atomically."""
+    import yaml
+
+    path = Path(path)
+    existing: dict[str, Any] = {}
+    if path.exists():
+        load_priors(path)  # refuse to merge into a file that is not a priors file
+        existing = (yaml.safe_load(path.read_text()) or {}).get("priors", {})
+    existing[label] = {"x": list(prior.x), "y": list(prior.y), "columns": prior.columns, "source": source}
+    text = (
+        "# Region priors relative to the union lung box (written by `cxr-sweep prior`).\n"
+        "# Use in a trial config:  attention: {priors: <this file>}\n"
+        + yaml.safe_dump({"priors": existing}, sort_keys=False, default_flow_style=None)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 def prior_table(classes: Sequence[str], priors: Mapping[str, RegionPrior]) -> torch.Tensor:
