@@ -1,9 +1,9 @@
 """Static checks of the cluster stack: no Docker engine or Kubernetes here, so check what can be checked.
 
 compose.yaml parses and every service, volume, network and ``${VAR}`` it references is defined; the
-Dockerfile passes hadolint (and the shell scripts shellcheck), installs the project as the Makefile's venv does (the pinned torch pair,
-then the project) with pyproject.toml's pins, and runs as a non-root user; the KubeRay manifests run a
-shipped sweep with the same storage mounted on every Ray pod.
+Dockerfile passes hadolint and the shell scripts shellcheck; the Dockerfile installs the project as the
+Makefile's venv does (the pinned torch pair, then the project) with pyproject.toml's pins, and runs as a
+non-root user; the KubeRay manifests run a shipped sweep with the same storage mounted on every Ray pod.
 """
 
 from __future__ import annotations
