@@ -104,6 +104,7 @@ def test_compose_has_the_stack_the_runbook_describes():
     assert [v for v in head["volumes"] if v.endswith(":/shared")] == ["shared:/shared"]
     assert head["volumes"] == worker["volumes"]
     assert head["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert not [k for k in worker["environment"] if k.startswith("MLFLOW_")]  # only the driver logs
 
 
 def test_env_example_holds_placeholders_only():
@@ -211,10 +212,13 @@ def test_kuberay_cluster_has_gpu_workers_and_shared_storage_on_every_pod():
         assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"]
         mounted.add(claim)
         env = {e["name"] for e in container["env"]}
-        assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= env
-        uri = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_TRACKING_URI")
-        service = docs[f"Service/{urlparse(uri).hostname.split('.')[0]}"]  # the tracking server is shipped
-        assert urlparse(uri).port in {p["port"] for p in service["spec"]["ports"]}
+        if pod is pods[0]:  # the head runs the driver, the only MLflow client
+            assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= env
+            uri = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_TRACKING_URI")
+            service = docs[f"Service/{urlparse(uri).hostname.split('.')[0]}"]  # the server is shipped
+            assert urlparse(uri).port in {p["port"] for p in service["spec"]["ports"]}
+        else:  # workers get no MLflow credentials
+            assert not {e for e in env if e.startswith("MLFLOW_")}
     assert len(mounted) == 1  # one claim: the same filesystem everywhere
     server = docs["Deployment/mlflow"]["spec"]["template"]["spec"]
     assert server["securityContext"]["runAsNonRoot"] is True
