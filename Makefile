@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: venv develop demo test test-fast lint format bench clean help
 
 help:
-	@echo "make demo       phantoms -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
+	@echo "make demo       phantoms -> lung U-Net -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
 	@echo "make test       ruff + the whole test suite (slow tests included, as CI runs it)"
 	@echo "make test-fast  ruff + the tests not marked slow"
 	@echo "make bench      CPU benchmarks (about 7 min) -> benchmarks/results/*.json"
@@ -31,10 +31,14 @@ develop: $(STAMP)
 	@$(BIN)/python -P -c "import sys,trainer,pathlib; sys.exit(pathlib.Path(trainer.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null \
 		|| $(BIN)/pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 
-# phantoms → dataset cache → the demo sweep (Optuna + ASHA) → best trials + the MLflow UI command
+# phantoms → lung U-Net → dataset cache (prepared with that U-Net) → the demo sweep (Optuna + ASHA)
 demo: develop
-	$(BIN)/cxr-sweep phantoms --out demo-output/phantoms --task ne --patients 150 --size 96 \
-		--cache demo-output/cache/ne --overwrite
+	$(BIN)/cxr-sweep phantoms --out demo-output/phantoms --task ne --patients 150 --size 96
+	$(BIN)/cxr-sweep segmenter train --images demo-output/phantoms/images \
+		--masks demo-output/phantoms/lung_masks --out demo-output/lung_unet.pt --size 64 \
+		--encoder resnet18 --depth 3 --decoder-channels 64,32,16 --epochs 6 --batch-size 16 --lr 3e-3
+	$(BIN)/cxr-sweep prepare csv --csv demo-output/phantoms/labels.csv --task ne --out demo-output/cache/ne \
+		--segmenter demo-output/lung_unet.pt --size 96 --data-access synthetic --overwrite
 	$(BIN)/cxr-sweep sweep run search_spaces/demo.yaml --overwrite
 
 lint: develop
@@ -51,9 +55,12 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The CPU set, under 10 minutes on 2 cores. The sweep-efficiency benchmark takes about 5 minutes
+# more, so it runs on its own: $(BIN)/python benchmarks/sweep_efficiency.py (docs/performance.md).
 bench: develop
 	$(BIN)/python benchmarks/step_time.py --out benchmarks/results/step_time_cpu.json
-	$(BIN)/python benchmarks/sweep_efficiency.py --out benchmarks/results/sweep_efficiency_cpu.json
+	$(BIN)/python benchmarks/memory.py --out benchmarks/results/memory_cpu.json
+	$(BIN)/python benchmarks/authors_baseline.py --out benchmarks/results/authors_baseline_cpu.json
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache *.egg-info

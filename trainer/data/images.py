@@ -51,7 +51,7 @@ def read_gray(path: str | Path) -> np.ndarray:
         im = Image.alpha_composite(bg, im)
     if im.mode != "L":
         im = im.convert("L")
-    return np.asarray(im, dtype=np.uint8)
+    return np.array(im, dtype=np.uint8)  # writable (torch.from_numpy warns on read-only arrays)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -68,7 +68,7 @@ def resize_gray(img: np.ndarray, size: int) -> np.ndarray:
     """Resize an ``(H, W)`` uint8 image to ``(size, size)`` with an antialiased filter."""
     if img.shape == (size, size):
         return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
+    return np.array(Image.fromarray(img).resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
