@@ -88,8 +88,14 @@ def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_node
 
     def remove_a_worker_once_a_trial_checkpointed_twice():
         # both running trials (one per GPU node) have two checkpoints: the removed node's trial has one
+        # (checkpoints rotate, num_to_keep=2: count trials holding any checkpoint past the first)
+        def trials_checkpointed_twice() -> int:
+            return len(
+                {p.parent for p in tmp_path.glob("demo/*/checkpoint_*") if not p.name.endswith("_000000")}
+            )
+
         deadline = time.time() + 300
-        while time.time() < deadline and len(list(tmp_path.glob("demo/*/checkpoint_000001"))) < 2:
+        while time.time() < deadline and trials_checkpointed_twice() < 2:
             time.sleep(0.2)
         removed["at"] = time.time()
         cluster.remove_node(workers[1])

@@ -38,6 +38,16 @@ ADMIN, ADMIN_PASSWORD = "admin", "admin-" + secrets.token_hex(8)
 USER, PASSWORD = "researcher", "researcher-" + secrets.token_hex(8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_running():
+    """The sweep here starts a local Ray (as the CLI would); later test modules start their own."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
