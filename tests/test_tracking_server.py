@@ -95,7 +95,7 @@ def _database(admin):
             c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def _serve_env(backend: str, artifacts: Path, port: int) -> dict[str, str]:
+def _serve_env(backend: str, artifacts: Path, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -109,17 +109,18 @@ def _serve_env(backend: str, artifacts: Path, port: int) -> dict[str, str]:
         MLFLOW_WORKERS="1",
         MLFLOW_DB_WAIT_S="10",
     )
+    env.update(extra)
     return env
 
 
 @contextlib.contextmanager
-def _server(backend: str, work: Path):
+def _server(backend: str, work: Path, **extra: str):
     """``mlflow/serve.sh`` on 127.0.0.1: PostgreSQL backend, local artifact directory, basic auth."""
     port = _free_port()
     log = (work / "server.log").open("w")
     proc = subprocess.Popen(
         ["bash", str(ROOT / "mlflow/serve.sh")],
-        env=_serve_env(backend, work / "artifacts", port),
+        env=_serve_env(backend, work / "artifacts", port, **extra),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: uvicorn workers go down with it
@@ -361,3 +362,47 @@ def test_server_whose_database_went_away_is_refused_in_one_request(pg_admin, tmp
             check_tracking(server["url"])
         assert time.monotonic() - t0 < 5  # one request, no retries
         assert "OperationalError" in str(err.value) and "PostgreSQL" in str(err.value)
+
+
+@pytest.mark.slow
+def test_server_on_s3_creates_its_bucket_and_keeps_artifacts_there(pg_admin, tmp_path, monkeypatch):
+    """The compose topology (MinIO) with an S3 endpoint from moto: bucket made at start, artifacts in it."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+    from moto.server import ThreadedMotoServer
+
+    s3_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3_server.start()
+    try:
+        endpoint = "http://{}:{}".format(*s3_server.get_host_and_port())
+        keys = {"AWS_ACCESS_KEY_ID": "cxr-test-key", "AWS_SECRET_ACCESS_KEY": "cxr-test-secret"}
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+        )
+        assert not s3.list_buckets().get("Buckets")
+        s3_env = {
+            "MLFLOW_ARTIFACTS_DESTINATION": "s3://cxr-artifacts/mlflow",
+            "MLFLOW_CREATE_BUCKET": "true",
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            **keys,
+        }
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        with _database(pg_admin) as (_, backend), _server(backend, tmp_path, **s3_env) as server:
+            assert "created bucket cxr-artifacts" in server["log"].read_text()
+            client = MlflowClient(server["url"])
+            run = client.create_run(client.create_experiment("s3-artifacts"))
+            (tmp_path / "config.resolved.yaml").write_text("model: {backbone: test_resnet}\n")
+            client.log_artifact(run.info.run_id, str(tmp_path / "config.resolved.yaml"))
+            stored = [o["Key"] for o in s3.list_objects_v2(Bucket="cxr-artifacts").get("Contents", [])]
+            assert stored == [
+                f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/config.resolved.yaml"
+            ]
+            assert not (tmp_path / "artifacts").exists()  # nothing went to a local directory
+    finally:
+        s3_server.stop()
