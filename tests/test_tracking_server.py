@@ -406,3 +406,33 @@ def test_server_on_s3_creates_its_bucket_and_keeps_artifacts_there(pg_admin, tmp
             assert not (tmp_path / "artifacts").exists()  # nothing went to a local directory
     finally:
         s3_server.stop()
+
+
+@pytest.mark.slow
+def test_user_without_write_permission_is_refused_before_any_trial(
+    mlflow_server, ne_cache, tmp_path, monkeypatch
+):
+    # the admin owns the experiment; the researcher may read it (default READ) but not add runs
+    made = _api(
+        mlflow_server, "POST", "experiments/create", auth=(ADMIN, ADMIN_PASSWORD), json={"name": "owned"}
+    )
+    assert made.status_code == 200, made.text
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    overrides = sweep_overrides(
+        ne_cache, tmp_path, **{"name": "owned", "trial.model.backbone": "test_resnet"}
+    )
+    with pytest.raises(
+        ConfigError, match="refused to record the sweep in experiment 'owned' \\(PERMISSION_DENIED\\)"
+    ):
+        run_sweep(ROOT / "search_spaces/demo.yaml", overrides=overrides)
+    assert not (tmp_path / "owned").exists()
+    runs = _api(
+        mlflow_server,
+        "POST",
+        "runs/search",
+        auth=(ADMIN, ADMIN_PASSWORD),
+        json={"experiment_ids": [made.json()["experiment_id"]]},
+    )
+    assert runs.json().get("runs", []) == []  # no parent run was half-made
