@@ -16,10 +16,11 @@ adds a second full-size weight gradient, weight reorders and a 411 MB accumulati
 the attention step 1.7× the CE step on CPU. Only the *spatial sum* of d(score)/d(features)
 is needed, and through a convolution without padding (after VGG's average-pool resize) that
 sum is ``Σ_o g_o · Σ_hw W[o, c, h, w]``: the gradient at the conv's output contracted with
-the kernel summed over its taps. So for that head the weights come from the gradient at the
-first activation (a small graph through the 1×1 layers) and the 4096 × 512 kernel sum, with
-exactly the same value and parameter gradients as the generic path (piecewise-linear head:
-the ReLU masks carry no derivative). ``cam_weights="autograd"`` forces the generic path.
+the kernel summed over its taps. So for that head the weights come from autograd through the
+pooling + classifier only, then by hand through ReLU → the 1×1 ``fc2`` as a matrix → dropout →
+ReLU, and the 4096 × 512 kernel sum, with the same value and parameter gradients as the
+generic path (tested; the head is piecewise linear, so its ReLU masks carry no derivative).
+``cam_weights="autograd"`` forces the generic path.
 """
 
 from __future__ import annotations
