@@ -237,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=224, help="classifier input size")
     ap.add_argument("--seg-size", type=int, default=512, help="the authors' U-Net input size")
     ap.add_argument("--smoke", action="store_true", help="tiny model, U-Net and images: seconds")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:  # 1 keeps ratios stable on a machine shared with other jobs (no OpenMP spin-waits)
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.backbone, args.train, args.val, args.batch, args.size, args.seg_size = (
             "test_resnet",

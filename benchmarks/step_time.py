@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="one tiny case, one repeat")
     ap.add_argument("--only", nargs="*", help="backbone names to run")
     ap.add_argument("--profile", metavar="BACKBONE:KIND", help="print a profile of one step and exit")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:  # 1 keeps ratios stable on a machine shared with other jobs (no OpenMP spin-waits)
+        torch.set_num_threads(args.threads)
     if args.profile:
         print(profile_step(args.profile, args.device))
         return 0
