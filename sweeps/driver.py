@@ -383,7 +383,12 @@ def _tuner(spec: SweepSpec, callbacks: list, restore: bool):
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     if restore:
-        return tune.Tuner.restore(sweep_dir(spec), trainable=trainable, resume_errored=True)
+        # The random/grid space holds functions (λ's conditional draw) that Ray saved as placeholders:
+        # trials not yet started when the driver died need the same space given back to resolve them.
+        space = ray_param_space(spec) if spec.search.algorithm != "optuna" else None
+        return tune.Tuner.restore(
+            sweep_dir(spec), trainable=trainable, resume_errored=True, param_space=space
+        )
     epochs = int(spec.trial["train"]["epochs"])
     if spec.scheduler.type == "asha":
         # ASHA stops a trial once it reaches max_t; one beyond the last epoch lets a trial that

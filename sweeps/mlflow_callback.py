@@ -37,12 +37,21 @@ class MlflowSweepCallback(Callback):
         self.best: dict[str, dict[str, float]] = {}  # trial id → val metrics of its best epoch so far
         self.tagged: set[str] = set()
         self.logged_metrics = 0
+        self.last_epoch: dict[str, int] = {}  # run id → last epoch logged (runs adopted on resume: lazily)
         for run in self.client.search_runs(
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
         ):
             tid = run.data.tags.get("ray.trial_id")
             if tid:
                 self.runs[tid] = run.info.run_id
+
+    # Ray pickles the callbacks with the experiment and `Tuner.restore` unpickles them: a restored
+    # callback must read which runs exist now, not carry the mapping of when it was pickled.
+    def __getstate__(self) -> dict:
+        return {k: getattr(self, k) for k in ("tracking_uri", "experiment_id", "parent_run_id", "spec")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     # -- helpers --------------------------------------------------------------------------------------
     def _run_id(self, trial) -> str:
@@ -61,6 +70,7 @@ class MlflowSweepCallback(Callback):
             },
         )
         self.runs[tid] = run.info.run_id
+        self.last_epoch[run.info.run_id] = -1
         # output_dir: the trial's folder in storage, where its checkpoints and best model land
         where = getattr(trial, "path", None) or trial.local_path or "."
         cfg = trial_config_for(self.spec, flat, str(trial), str(where))
@@ -68,6 +78,12 @@ class MlflowSweepCallback(Callback):
         log_params(self.client, run.info.run_id, {**cfg.flat_params(), **searched})
         self.client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
         return run.info.run_id
+
+    def _last_epoch(self, run_id: str) -> int:
+        if run_id not in self.last_epoch:
+            history = self.client.get_metric_history(run_id, "train_loss")
+            self.last_epoch[run_id] = max((m.step for m in history), default=-1)
+        return self.last_epoch[run_id]
 
     def _log(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         self.logged_metrics += log_metrics(self.client, run_id, metrics, step)
@@ -78,6 +94,8 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self._run_id(trial)
+        if result.get(FINAL_KEY):
+            return  # the summary is logged at completion (tags came with the first epoch)
         tid = trial.trial_id
         if tid not in self.tagged and result.get("node_id"):
             self.client.log_batch(
@@ -88,14 +106,15 @@ class MlflowSweepCallback(Callback):
                 ],
             )
             self.tagged.add(tid)
-        if result.get(FINAL_KEY):
-            return  # the summary is logged at completion
         metrics = {
             k: v
             for k, v in result.items()
             if (k.startswith(_EPOCH_PREFIXES) or k in _EPOCH_KEYS) and isinstance(v, int | float)
         }
-        self._log(run_id, metrics, int(result.get("epoch", result.get("epochs_done", 1) - 1)))
+        epoch = int(result.get("epoch", result.get("epochs_done", 1) - 1))
+        if epoch > self._last_epoch(run_id):  # after a driver crash Ray may re-run logged epochs
+            self._log(run_id, metrics, epoch)
+            self.last_epoch[run_id] = epoch
         score = metrics.get(self.spec.metric)
         prev = self.best.get(tid, {}).get(self.spec.metric)
         sign = 1 if self.spec.mode == "max" else -1
@@ -107,6 +126,8 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_id(trial)
+        if self.client.get_run(run_id).info.status == "FINISHED":
+            return  # a finished trial that Ray restored after a driver crash: its run is complete
         last = trial.last_result or {}
         if last.get(FINAL_KEY):
             summary = {k: v for k, v in last.items() if k.startswith(("best_val_", "test_"))}

@@ -8,6 +8,7 @@ the driver's MLflow callback turns them into tags.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 __all__ = ["FINAL_KEY", "sweep_trainable"]
 
 FINAL_KEY = "trial_done"  # set on the last report, which carries best_val_* and test_* summaries
+FINAL_SUMMARY = "final_summary.json"  # in the final checkpoint: that last report, to replay it
 
 
 def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -42,6 +44,12 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
     try:
         if checkpoint is not None:
             resume_dir = Path(checkpoint.to_directory(str(scratch / "checkpoint")))
+            if (resume_dir / FINAL_SUMMARY).is_file():
+                # The trial had finished, but the driver died before its experiment state said so:
+                # Ray restores it from its final checkpoint. Replay the final report; train nothing.
+                summary = json.loads((resume_dir / FINAL_SUMMARY).read_text())
+                tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(resume_dir)))
+                return
 
         def report(metrics: dict[str, float], epoch: int, checkpoint_dir: Path) -> None:
             tune.report(
@@ -67,6 +75,7 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
                 **info,
             }
         )
+        (final_dir / FINAL_SUMMARY).write_text(json.dumps(summary))
         tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(final_dir)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
