@@ -39,7 +39,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 
     from .cli import _user_errors
 
-    return (*_user_errors(), SourceError, SplitError, SegmenterError, ImageReadError, FileNotFoundError)
+    # OSError: unwritable or full output folders, unreadable inputs (the message names the path)
+    return (*_user_errors(), SourceError, SplitError, SegmenterError, ImageReadError, OSError)
 
 
 def _fail(msg: str) -> typer.Exit:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "SweepOutcome",
     "check_ray_address",
     "check_shared_storage",
+    "check_storage",
     "check_tracking",
     "resume_sweep",
     "run_sweep",
@@ -65,6 +67,33 @@ def resolve_sweep_tracking_uri(spec: SweepSpec) -> str:
         )
     Path(spec.storage_path).mkdir(parents=True, exist_ok=True)
     return default_tracking_uri(spec.storage_path)
+
+
+MIN_FREE_STORAGE_MB = 100  # checkpoints, Ray's experiment state and the embedded MLflow store
+
+
+def check_storage(spec: SweepSpec) -> None:
+    """A local ``storage_path`` must be creatable, writable and not (nearly) full, before any trial."""
+    if "://" in spec.storage_path:
+        return
+    path = Path(spec.storage_path)
+    probe = path / f".cxr-write-check-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError(f"storage_path: {path} is not writable: {e.strerror or e}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free_mb = shutil.disk_usage(path).free / 2**20
+    if free_mb < MIN_FREE_STORAGE_MB:
+        raise ConfigError(
+            f"storage_path: {path} has {free_mb:.1f} MiB free; a sweep needs at least "
+            f"{MIN_FREE_STORAGE_MB} MiB for checkpoints, Ray's experiment state and the MLflow store"
+        )
 
 
 def check_tracking(uri: str) -> None:
@@ -201,7 +230,6 @@ def check_shared_storage(spec: SweepSpec) -> None:
     if len(nodes) < 2 and all(n["NodeManagerAddress"] == _driver_ip() for n in nodes):
         return  # one node, the driver's own machine: nothing to share
     import secrets
-    import shutil
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -445,6 +473,7 @@ def _tuner(spec: SweepSpec, callbacks: list, restore: bool):
 
 
 def _execute(spec: SweepSpec, *, space_file: str | None, address: str | None, restore: bool) -> SweepOutcome:
+    check_storage(spec)
     uri = resolve_sweep_tracking_uri(spec)
     check_tracking(uri)
     check_ray_address(address)
@@ -507,8 +536,6 @@ def run_sweep(
                 f"`cxr-sweep sweep resume {spec.name} --storage {spec.storage_path}`, pick another name "
                 "(--set name=...), or start over with --overwrite"
             )
-        import shutil
-
         shutil.rmtree(existing)
     return _execute(spec, space_file=str(Path(space_file).resolve()), address=address, restore=False)
 

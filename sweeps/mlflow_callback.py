@@ -17,7 +17,16 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .space import SweepSpec, flatten_ray_config, overrides_from_params, trial_config_for
-from .tracking import MAX_ERROR, MODEL_URI_TAG, dataset_tags, log_metrics, log_params, log_plots
+from .tracking import (
+    MAX_ERROR,
+    MODEL_URI_TAG,
+    dataset_tags,
+    log_metrics,
+    log_params,
+    log_plots,
+    log_text_file,
+    redact,
+)
 from .trainable import FINAL_KEY
 
 __all__ = ["MlflowSweepCallback"]
@@ -146,7 +155,7 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_id(trial)
-        msg = _error_text(trial)
+        msg = redact(_error_text(trial))
         self.client.log_batch(
             run_id, tags=[RunTag("error", msg[-MAX_ERROR:]), RunTag("error_type", _error_type(msg))]
         )
@@ -163,7 +172,7 @@ class MlflowSweepCallback(Callback):
             return
         config = local / "config.resolved.yaml"
         if config.is_file():
-            self.client.log_artifact(run_id, str(config))
+            log_text_file(self.client, run_id, config)
         log_plots(self.client, run_id, sorted((local / "plots").glob("*.png")), data_access)
 
 

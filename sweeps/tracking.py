@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +33,8 @@ __all__ = [
     "log_metrics",
     "log_params",
     "log_plots",
+    "log_text_file",
+    "redact",
     "resolve_tracking_uri",
 ]
 
@@ -69,9 +72,37 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
         return exp.experiment_id
 
 
+# Environment variables whose values must never reach MLflow (credentials of the stack, cloud keys)
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+_URL_CREDENTIALS = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]+):[^@/\s]+@", re.I)
+
+
+def redact(text: str) -> str:
+    """``text`` with URL passwords and the values of secret-named environment variables masked."""
+    text = _URL_CREDENTIALS.sub(r"\g<head>:***@", text)
+    for name, value in os.environ.items():
+        if len(value) >= 4 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+def log_text_file(
+    client: MlflowClient, run_id: str, path: str | Path, artifact_path: str | None = None
+) -> None:
+    """Upload a text artifact (the resolved config) with secrets redacted (:func:`redact`)."""
+    import tempfile
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = Path(tmp) / path.name
+        clean.write_text(redact(path.read_text(errors="replace")))
+        client.log_artifact(run_id, str(clean), artifact_path=artifact_path)
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    """Log ``params`` in batches (MLflow takes at most 100 per call), values truncated to its limit."""
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    """Log ``params`` in batches (MLflow takes at most 100 per call), values truncated to its limit
+    and secrets redacted (:func:`redact`)."""
+    items = [Param(k, redact(str(v))[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), _BATCH):
         client.log_batch(run_id, params=items[i : i + _BATCH])
 
@@ -130,7 +161,7 @@ class TrialRun:
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        self.run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        self.run = self.client.create_run(self.experiment_id, run_name=redact(run_name), tags=all_tags)
         self.run_id = self.run.info.run_id
 
     # -- logging ----------------------------------------------------------------------------------
@@ -138,7 +169,7 @@ class TrialRun:
         log_params(self.client, self.run_id, cfg.flat_params())
         self.set_tags(dataset_tags(cfg))
         if resolved_file is not None and resolved_file.is_file():
-            self.client.log_artifact(self.run_id, str(resolved_file))
+            log_text_file(self.client, self.run_id, resolved_file)
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         log_metrics(self.client, self.run_id, metrics, step=epoch)
@@ -153,14 +184,14 @@ class TrialRun:
             self.set_tags({MODEL_URI_TAG: str(result["model_path"])})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     # -- lifecycle --------------------------------------------------------------------------------
     def finish(self, error: BaseException | None = None) -> None:
         if error is None:
             self.client.set_terminated(self.run_id, "FINISHED")
             return
-        msg = f"{type(error).__name__}: {error}"
+        msg = redact(f"{type(error).__name__}: {error}")
         self.set_tags({"error": msg[:MAX_ERROR], "error_type": type(error).__name__})
         self.client.set_terminated(
             self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
