@@ -10,7 +10,10 @@ exactly one run per trial.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
@@ -29,7 +32,27 @@ from .tracking import (
 )
 from .trainable import FINAL_KEY
 
-__all__ = ["MlflowSweepCallback"]
+__all__ = ["FLUSH_GRACE_S", "MlflowSweepCallback", "TrackingUnavailable"]
+
+FLUSH_GRACE_S = float(os.environ.get("CXR_TRACKING_GRACE_S", "120"))  # wait at the end for a lost store
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store did not come back before the sweep ended: names the trials affected."""
+
+
+def _store_unreachable(e: Exception) -> bool:
+    """Connection-level failures of the tracking store (retry later), not bad requests (raise)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, requests.RequestException | ConnectionError | TimeoutError):
+        return True
+    if isinstance(e, MlflowException):
+        text = str(e)
+        return "API request to" in text or "Max retries" in text or e.get_http_status_code() >= 500
+    return type(e).__name__ == "OperationalError"  # sqlalchemy: the database is gone or locked
+
 
 _EPOCH_PREFIXES = ("train_", "val_")
 _EPOCH_KEYS = ("lambda", "lr", "epoch_time_s")
@@ -47,12 +70,19 @@ class MlflowSweepCallback(Callback):
         self.tagged: set[str] = set()
         self.logged_metrics = 0
         self.last_epoch: dict[str, int] = {}  # run id → last epoch logged (runs adopted on resume: lazily)
+        self.described: set[str] = set()  # trial ids whose run has its params
+        self.pending: list[tuple[str, Any, tuple]] = []  # hooks that met an unreachable store, in order
+        self.unreachable_since: float | None = None
+        # fail fast inside a hook (its work is queued and replayed) instead of MLflow's minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         for run in self.client.search_runs(
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
         ):
             tid = run.data.tags.get("ray.trial_id")
             if tid:
                 self.runs[tid] = run.info.run_id
+                self.described.add(tid)
 
     # Ray pickles the callbacks with the experiment and `Tuner.restore` unpickles them: a restored
     # callback must read which runs exist now, not carry the mapping of when it was pickled.
@@ -66,8 +96,9 @@ class MlflowSweepCallback(Callback):
     def _run_id(self, trial) -> str:
         tid = trial.trial_id
         if tid in self.runs:
-            return self.runs[tid]
-        flat = flatten_ray_config(trial.config)
+            if tid in self.described:
+                return self.runs[tid]
+            return self._describe(trial, self.runs[tid])  # a replay after a failure mid-way
         run = self.client.create_run(
             self.experiment_id,
             run_name=str(trial),
@@ -80,13 +111,19 @@ class MlflowSweepCallback(Callback):
         )
         self.runs[tid] = run.info.run_id
         self.last_epoch[run.info.run_id] = -1
+        return self._describe(trial, run.info.run_id)
+
+    def _describe(self, trial, run_id: str) -> str:
+        """Params and dataset tags of a new trial run."""
+        flat = flatten_ray_config(trial.config)
         # output_dir: the trial's folder in storage, where its checkpoints and best model land
         where = getattr(trial, "path", None) or trial.local_path or "."
         cfg = trial_config_for(self.spec, flat, str(trial), str(where))
         searched = {f"search.{k}": v for k, v in overrides_from_params(flat).items()}
-        log_params(self.client, run.info.run_id, {**cfg.flat_params(), **searched})
-        self.client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
-        return run.info.run_id
+        log_params(self.client, run_id, {**cfg.flat_params(), **searched})
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
+        self.described.add(trial.trial_id)
+        return run_id
 
     def _last_epoch(self, run_id: str) -> int:
         if run_id not in self.last_epoch:
@@ -99,9 +136,71 @@ class MlflowSweepCallback(Callback):
 
     # -- Tune hooks -----------------------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run_id(trial)
+        self._guarded(self._trial_start, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._guarded(self._trial_result, trial, dict(result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._guarded(self._trial_complete, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._guarded(self._trial_error, trial)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Last chance for queued updates: retry for up to ``FLUSH_GRACE_S``, then say what is missing."""
+        deadline = time.monotonic() + FLUSH_GRACE_S
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(2.0)
+            self._flush()
+        if self.pending:
+            names = sorted({str(trial) for _, trial, _ in self.pending})
+            raise TrackingUnavailable(
+                f"the MLflow tracking store {self.tracking_uri} stayed unreachable: "
+                f"{len(self.pending)} update(s) of {len(names)} trial(s) were not logged: "
+                f"{', '.join(names)}. The trials themselves finished; their checkpoints and results "
+                "are in the sweep's storage folder."
+            )
+
+    # -- an unreachable store: queue, replay in order once it answers ---------------------------------
+    def _guarded(self, hook, trial, *args) -> None:
+        self._flush()
+        if self.pending:  # still down: keep the order
+            self.pending.append((hook.__name__, trial, args))
+            return
+        try:
+            hook(trial, *args)
+        except Exception as e:
+            if not _store_unreachable(e):
+                raise
+            self._queue(hook.__name__, trial, args, e)
+
+    def _queue(self, name: str, trial, args: tuple, error: Exception) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+            print(f"MLflow tracking store unreachable ({type(error).__name__}): trials go on, updates queue")
+        self.pending.append((name, trial, args))
+
+    def _flush(self) -> None:
+        while self.pending:
+            name, trial, args = self.pending[0]
+            try:
+                getattr(self, name)(trial, *args)
+            except Exception as e:
+                if not _store_unreachable(e):
+                    raise
+                return
+            self.pending.pop(0)
+        if self.unreachable_since is not None:
+            down = time.monotonic() - self.unreachable_since
+            print(f"MLflow tracking store back after {down:.0f} s: queued updates logged")
+            self.unreachable_since = None
+
+    # -- the hooks' work --------------------------------------------------------------------------------
+    def _trial_start(self, trial) -> None:
+        self._run_id(trial)
+
+    def _trial_result(self, trial, result: dict) -> None:
         run_id = self._run_id(trial)
         if result.get(FINAL_KEY):
             return  # the summary is logged at completion (tags came with the first epoch)
@@ -133,7 +232,7 @@ class MlflowSweepCallback(Callback):
                 "epoch": result["epoch"],
             }
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def _trial_complete(self, trial) -> None:
         run_id = self._run_id(trial)
         if self.client.get_run(run_id).info.status == "FINISHED":
             return  # a finished trial that Ray restored after a driver crash: its run is complete
@@ -153,7 +252,7 @@ class MlflowSweepCallback(Callback):
             self.client.set_tag(run_id, "cxr.stopped_early", "true")
         self.client.set_terminated(run_id, "FINISHED")
 
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+    def _trial_error(self, trial) -> None:
         run_id = self._run_id(trial)
         msg = redact(_error_text(trial))
         self.client.log_batch(

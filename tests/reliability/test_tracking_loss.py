@@ -1,0 +1,158 @@
+"""The tracking server goes away mid-sweep and comes back: trials go on, every metric arrives.
+
+A real ``mlflow server`` (sqlite backend) on 127.0.0.1 is stopped after the first epochs are
+logged and restarted on the same port and database 10 s later. The driver's callback queues
+what it could not log and replays it in order once the server answers (see
+sweeps/mlflow_callback.py); a store that never comes back is reported per trial.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import sweep_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, db: Path, artifacts: Path, port: int) -> None:
+        self.db, self.artifacts, self.port, self.proc = db, artifacts, port, None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.db}",
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--workers",
+            "1",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start in 90 s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _epochs_logged(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT COUNT(*) FROM metrics WHERE key = 'train_loss'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_tracking_server_lost_mid_sweep_every_metric_arrives_when_it_is_back(ne_cache, tmp_path):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.driver import run_sweep
+
+    server = Server(tmp_path / "mlflow.db", tmp_path / "artifacts", _free_port())
+    server.start()
+    outage: dict[str, float] = {}
+
+    def chaos() -> None:
+        while _epochs_logged(server.db) < 2:
+            time.sleep(0.2)
+        server.stop()
+        outage["down"] = time.monotonic()
+        time.sleep(10)
+        server.start()
+        outage["up"] = time.monotonic()
+
+    sets = sweep_overrides(
+        ne_cache,
+        tmp_path / "sweeps",
+        num_samples="3",
+        **{
+            "scheduler.type": "fifo",
+            "search.algorithm": "random",
+            "trial.model.backbone": "test_resnet",
+            "trial.train.epochs": "4",
+            "mlflow.tracking_uri": server.url,
+        },
+    )
+    thread = threading.Thread(target=chaos, daemon=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        thread.start()
+        outcome = run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
+        thread.join(timeout=120)
+        assert "up" in outage, "the chaos thread never restarted the server"
+        client = MlflowClient(server.url)
+        exp = client.get_experiment_by_name("demo")
+        runs = client.search_runs([exp.experiment_id], max_results=100)
+        children = [r for r in runs if r.data.tags.get("cxr.kind") == "trial"]
+        assert [r["state"] for r in outcome.rows] == ["DONE"] * 3
+        assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+        stored = 0
+        for r in children:
+            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss"))
+            assert steps == list(range(int(r.data.metrics["epochs_run"])))  # every epoch, once
+            assert "test_f1_macro" in r.data.metrics
+            stored += sum(len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics)
+        assert stored == outcome.metrics_logged  # none lost
+        print(f"server down for {outage['up'] - outage['down']:.1f} s; {stored} metric values, all stored")
+    finally:
+        ray.shutdown()
+        server.stop()
+
+
+def test_a_store_that_never_comes_back_is_reported_per_trial(monkeypatch):
+    """The end-of-sweep report names the trials whose updates could not be logged."""
+    import sweeps.mlflow_callback as cb
+
+    monkeypatch.setattr(cb, "FLUSH_GRACE_S", 0.0)
+    callback = cb.MlflowSweepCallback.__new__(cb.MlflowSweepCallback)
+    callback.tracking_uri = "http://127.0.0.1:9"
+    callback.pending = [("_trial_result", "trial_a", ({},)), ("_trial_complete", "trial_b", ())]
+    callback.unreachable_since = time.monotonic()
+    with pytest.raises(
+        cb.TrackingUnavailable, match=r"2 update\(s\) of 2 trial\(s\) were not logged: trial_a, trial_b"
+    ):
+        callback.on_experiment_end([])
