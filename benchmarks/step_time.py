@@ -141,6 +141,13 @@ def bench_case(name: str, size: int, batch: int, repeats: int, warmup: int, devi
         "median_s": med,
         **{f"ratio_{k}_over_ce": med[k] / med["ce"] for k in case.kinds if k != "ce"},
         "min_s": low,
+        **{  # median over rounds of (variant step ÷ the CE step of the same round)
+            f"ratio_paired_{k}_over_ce": statistics.median(
+                t / c for t, c in zip(times[k], times["ce"], strict=True)
+            )
+            for k in case.kinds
+            if k != "ce"
+        },
         **{f"ratio_min_{k}_over_ce": low[k] / low["ce"] for k in case.kinds if k != "ce"},
         "all_s": times,
     }
