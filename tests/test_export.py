@@ -135,3 +135,27 @@ def test_unknown_run_sweep_and_existing_output(real_sweep, tmp_path):
     )
     assert taken.exit_code == 2 and "already exists" in taken.output
     assert parse_formats("ONNX, torchscript,onnx") == ["onnx", "torchscript"]
+
+
+def test_a_single_trial_from_cxr_sweep_train_exports_by_run_id(ne_cache, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"data.cache={ne_cache}", "model.backbone=test_resnet", "train.batch_size=32"]
+    train = runner.invoke(
+        app,
+        ["train", "--config", str(fx.ROOT / "configs/trial.yaml"), "--epochs", "1", "--tracking-uri", uri]
+        + [arg for s in sets for arg in ("--set", s)]
+        + ["--output-dir", str(tmp_path / "run")],
+    )
+    assert train.exit_code == 0, train.output
+    (run,) = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("cxr-trials").experiment_id]
+    )
+    assert run.data.tags["cxr.model_uri"] == str(tmp_path / "run/model.pt")
+    assert (
+        run.data.tags["cxr.cache_hash"] == json.loads((ne_cache / "header.json").read_text())["content_hash"]
+    )
+    args = ["export", run.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "e"), "--no-register"]
+    result = runner.invoke(app, [*args, "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "e/export.json").read_text())
+    assert meta["run_id"] == run.info.run_id and meta["max_abs_logit_diff"]["torchscript"] <= 1e-4
