@@ -177,7 +177,7 @@ CASES: dict[str, tuple[Callable, str, str | None]] = {
     "malformed YAML": (_malformed_yaml, "bad.yaml", "run"),
     "wrong type": (_wrong_type, "train.epochs", "run"),
     "cache built for another task": (_cache_for_another_task, "built for classes", "run/model.pt"),
-    "checkpoint from another backbone": (_checkpoint_other_backbone, "test_resnet", None),
+    "checkpoint from another backbone": (_checkpoint_other_backbone, "written for a different trial", None),
     "unknown task": (_unknown_task, "unknown task 'nx'", "ph"),
     "search space λ outside [0, 1]": (_sweep_lambda_out_of_range, "params.attention.lambda", "sweeps"),
 }
