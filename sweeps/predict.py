@@ -1,7 +1,7 @@
 """Run an exported model on a folder of images: probabilities (CSV) and Grad-CAM overlays (PNG).
 
-Preprocessing is the training one, step by step: decode to grey uint8, resize to the dataset
-cache's size with an antialiasing box filter (what building the cache does), then — when the
+Preprocessing is the training one, step by step: decode to grey uint8 and resize to the dataset
+cache's size with :mod:`trainer.data.images` (what ``cxr-sweep prepare`` does), then — when the
 network's input size differs from the cache's — the bilinear antialiased resize of
 :class:`trainer.data.transforms.BatchTransform`, scale to [0, 1], ``(x − mean) / std``, and repeat
 to three channels. The sizes and normalisation come from the export's metadata.
@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from trainer.data.images import IMAGE_SUFFIXES, read_gray, resize_gray
+
 from .export import META_FILE, ExportError, load_torchscript
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "Exported",
     "PredictResult",
     "ScriptedBackbone",
@@ -40,7 +41,6 @@ __all__ = [
     "preprocess",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 RUNTIMES = ("auto", "torchscript", "onnx")
 
 
@@ -124,22 +124,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_gray(path: Path, size: int) -> np.ndarray:
-    """``(size, size)`` uint8 grey: decoded, converted to grey, box-resized as the cache does."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I") or im.mode == "F":  # 16-bit detector values: window to min..max
-                a = np.asarray(im, dtype=np.float64)
-                lo, hi = float(a.min()), float(a.max())
-                im = Image.fromarray(
-                    np.round((a - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)).astype(np.uint8)
-                )
-            im = im.convert("L")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BOX)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ExportError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    """``(size, size)`` uint8 grey, decoded and resized by the same functions that build caches."""
+    return resize_gray(read_gray(path), size)
 
 
 def preprocess(gray: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:

@@ -131,7 +131,7 @@ def test_bad_input(real_export, images, tmp_path):
 
     (images / "sub" / "broken.png").write_bytes(b"not a png")
     broken = predict(real_export, images, tmp_path / "o1")
-    assert broken.exit_code == 2 and "broken.png: cannot read image" in broken.output
+    assert broken.exit_code == 2 and "broken.png: cannot decode image" in broken.output
     assert not (tmp_path / "o1").exists() and not list(tmp_path.glob(".o1.tmp-*"))
     (tmp_path / "empty").mkdir()
     empty = predict(real_export, tmp_path / "empty", tmp_path / "o2")
