@@ -204,12 +204,9 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
 ) -> None:
     """Export the best (or a given) run's model to TorchScript/ONNX, with a model card, and register it."""
-    from .export import export_model, parse_formats, resolve_run
+    from .export import export_model, parse_formats
 
     formats = _guard(parse_formats, format_)
-    if out is None:
-        _, run = _guard(resolve_run, source, storage=storage, tracking_uri=tracking_uri, metric=metric)
-        out = Path(f"export-{run.run_id[:8]}")
     result = _guard(
         export_model,
         source,

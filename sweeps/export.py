@@ -285,7 +285,7 @@ def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
 def export_model(
     source: str,
     formats: list[str],
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     storage: str | Path | None = None,
     tracking_uri: str | None = None,
@@ -295,11 +295,11 @@ def export_model(
     registered_name: str | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Export the model of run/sweep ``source`` into ``out_dir``; see the module docstring."""
-    out = Path(out_dir).resolve()
+    """Export the model of run/sweep ``source`` into ``out_dir`` (default ``./export-<run id prefix>``)."""
+    uri, run = resolve_run(source, storage=storage, tracking_uri=tracking_uri, metric=metric)
+    out = Path(out_dir or f"export-{run.run_id[:8]}").resolve()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    uri, run = resolve_run(source, storage=storage, tracking_uri=tracking_uri, metric=metric)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
