@@ -237,34 +237,25 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> torch.Tensor:
 def _export_onnx(model: nn.Module, example: torch.Tensor, meta: dict, path: Path) -> str:
     import onnx
 
+    common = {"input_names": ["image"], "output_names": ["logits"], "opset_version": _OPSET}
     exporter = "dynamo"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            batch = torch.export.Dim("batch", min=1, max=4096)
             torch.onnx.export(
                 model,
                 (example,),
                 str(path),
-                input_names=["image"],
-                output_names=["logits"],
-                opset_version=_OPSET,
                 dynamo=True,
                 external_data=False,
-                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-                verbose=False,
+                dynamic_shapes={"x": {0: batch}},
+                **common,
             )
         except Exception:  # a backbone torch.export cannot capture: the TorchScript-based exporter
             exporter = "torchscript"
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                input_names=["image"],
-                output_names=["logits"],
-                opset_version=_OPSET,
-                dynamo=False,
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            )
+            axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
+            torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, **common)
     proto = onnx.load(str(path))
     for k, v in meta.items():
         entry = proto.metadata_props.add()

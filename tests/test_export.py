@@ -159,3 +159,18 @@ def test_a_single_trial_from_cxr_sweep_train_exports_by_run_id(ne_cache, tmp_pat
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "e/export.json").read_text())
     assert meta["run_id"] == run.info.run_id and meta["max_abs_logit_diff"]["torchscript"] <= 1e-4
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter(real_sweep, tmp_path, monkeypatch):
+    real_export = torch.onnx.export
+
+    def no_dynamo(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("torch.export cannot capture this model")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    result = export_model(
+        real_sweep.name, ["onnx"], tmp_path / "e", storage=real_sweep.storage, register=False
+    )
+    assert result.meta["onnx_exporter"] == "torchscript" and result.max_abs_diff["onnx"] <= 1e-4
