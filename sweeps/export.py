@@ -52,6 +52,7 @@ __all__ = [
     "load_trained",
     "parse_formats",
     "resolve_run",
+    "staged_folder",
 ]
 
 SUPPORTED_FORMATS = ("torchscript", "onnx")
@@ -291,9 +292,7 @@ def export_model(
     out = Path(out_dir or f"export-{run.run_id[:8]}").resolve()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         model, payload = load_trained(_model_file(run, tmp))
         (tmp / "model.pt").unlink(missing_ok=True)  # a fetched remote copy is not part of the export
         x, x_source = _check_batch(payload)
@@ -328,6 +327,23 @@ def export_model(
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         (tmp / "model_card.md").write_text(_model_card(meta, payload, run))
+    files.update({"meta": out / META_FILE, "card": out / "model_card.md"})
+    result = ExportResult(out, run, files, diffs, meta=meta)
+    if register:
+        result.registered = _register(uri, run, model, x[:2], out, registered_name or f"cxr-{run.sweep}")
+    return result
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on any error it is removed.
+
+    Readers never see a half-written folder: an export or a prediction is complete or absent.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -335,11 +351,6 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    files.update({"meta": out / META_FILE, "card": out / "model_card.md"})
-    result = ExportResult(out, run, files, diffs, meta=meta)
-    if register:
-        result.registered = _register(uri, run, model, x[:2], out, registered_name or f"cxr-{run.sweep}")
-    return result
 
 
 def _sha256(path: Path) -> str:

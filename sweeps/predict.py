@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from PIL import Image
 
 from trainer.data.images import IMAGE_SUFFIXES, read_gray, resize_gray
 
-from .export import META_FILE, ExportError, load_torchscript
+from .export import META_FILE, ExportError, load_torchscript, staged_folder
 
 __all__ = [
     "Exported",
@@ -223,9 +221,7 @@ def predict_folder(
     probs = logits.float().softmax(1).numpy()  # (N, K)
     cams = torch.cat(cam_parts).numpy() if cam else None  # (N, S, S)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         _write_csv(tmp / "predictions.csv", names, probs, meta["classes"])
         overlays = []
         if cams is not None:
@@ -234,13 +230,6 @@ def predict_folder(
             gray01 = x[:, 0].numpy() * norm["std"] + norm["mean"]  # (N, S, S) back in [0, 1]
             for name, img, c in zip(names, gray01, cams, strict=True):
                 overlays.append(_overlay(img, c, tmp / "cam" / name))
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     overlays = [out / p.relative_to(tmp) for p in overlays]
     return PredictResult(out, out / "predictions.csv", overlays, names, probs, cams, runtime)
 
