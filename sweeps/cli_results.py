@@ -78,7 +78,7 @@ def best(
     experiment: _Experiment = None,
     filter_: _Filter = None,
     metric: _Metric = None,
-    top: Annotated[int, typer.Option(min=1, help="Rows to show.")] = 5,
+    top: Annotated[str, typer.Option(help="Rows to show: a number, or 'all'.")] = "5",
     include_stopped: _Stopped = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")
@@ -87,9 +87,12 @@ def best(
     """Rank a sweep's finished trials on a validation metric; show the top ones with test metrics."""
     from .select import metric_key, rank_runs
 
+    if top != "all" and not (top.isdigit() and int(top) >= 1):
+        raise _cli()._fail(f"--top must be a positive number or 'all', got {top!r}")
     found = _guard(_runs, sweeps, storage, tracking_uri, experiment, filter_, include_stopped)
     metric = metric or found.default_metric
-    ranked = _guard(rank_runs, found.runs, metric)[:top]
+    ranked = _guard(rank_runs, found.runs, metric)
+    ranked = ranked if top == "all" else ranked[: int(top)]
     key = metric_key(metric)
     if as_json:
         rows = [{"rank": i + 1, "selection_metric": key, **r.to_dict()} for i, r in enumerate(ranked)]

@@ -7,6 +7,7 @@ exactly one run per trial, none left RUNNING, and no epoch is logged twice.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -150,6 +151,17 @@ def test_driver_killed_mid_sweep_is_finished_by_resume(ne_cache, tmp_path):
         [*CLI, "sweep", "status", "demo", "--storage", str(tmp_path)], env=env, capture_output=True, text=True
     )
     assert status.returncode == 0 and status.stdout.count("DONE") == 4
+    # counts reconcile: trials = child runs = rows of `cxr-sweep best --top all`
+    best = subprocess.run(
+        [*CLI, "best", "demo", "--storage", str(tmp_path), "--top", "all", "--json", "--include-stopped"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert best.returncode == 0, best.stdout + best.stderr
+    rows = json.loads(best.stdout)
+    assert len(rows) == len(children) == 4
+    assert {r["run_id"] for r in rows} == {c.info.run_id for c in children}
 
 
 def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ne_cache, tmp_path):
