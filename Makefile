@@ -60,7 +60,7 @@ test-fast: lint
 bench: develop
 	$(BIN)/python benchmarks/step_time.py --out benchmarks/results/step_time_cpu.json
 	$(BIN)/python benchmarks/memory.py --out benchmarks/results/memory_cpu.json
-	$(BIN)/python benchmarks/authors_baseline.py --out benchmarks/results/authors_baseline_cpu.json
+	$(BIN)/python benchmarks/authors_baseline.py --threads 1 --out benchmarks/results/authors_baseline_cpu_1thread.json
 	$(BIN)/python benchmarks/loader.py --out benchmarks/results/loader_cpu.json
 
 clean:
