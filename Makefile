@@ -15,7 +15,7 @@ help:
 	@echo "make demo       phantoms -> lung U-Net -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
 	@echo "make test       ruff + the whole test suite (slow tests included, as CI runs it)"
 	@echo "make test-fast  ruff + the tests not marked slow"
-	@echo "make bench      CPU benchmarks (about 7 min) -> benchmarks/results/*.json"
+	@echo "make bench      CPU benchmarks (under 10 min) -> benchmarks/results/*.json"
 	@echo "venv: $(VENV)"
 
 $(STAMP): pyproject.toml
