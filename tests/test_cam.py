@@ -153,3 +153,63 @@ def test_padded_head_falls_back_to_the_reference():
     assert _conv_mlp_head(model) is None
     with pytest.raises(ValueError, match="cam_weights must be"):
         grad_cam(model, torch.randn(1, 3, 64, 64), cam_weights="fast")
+
+
+@pytest.mark.parametrize("target", ["label", "predicted"])
+def test_log_softmax_score_weights_are_the_log_softmax_gradient(target):
+    """score="log_softmax": channel weights = spatial mean of d log p_c / d features (autograd)."""
+    import timm
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    x = torch.randn(3, 3, 64, 64)
+    y = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        logits, cam = grad_cam(model, x, y if target == "label" else "predicted", score="log_softmax")
+    cls = y if target == "label" else logits.argmax(1)
+    feats = model.forward_features(x).detach().requires_grad_(True)
+    lp = torch.log_softmax(model.forward_head(feats), 1).gather(1, cls[:, None]).sum()
+    (g,) = torch.autograd.grad(lp, feats)
+    ref = torch.relu((g.mean(dim=(2, 3), keepdim=True) * feats).sum(1, keepdim=True)).detach()
+    ref = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)
+    lo, hi = ref.amin(dim=(2, 3), keepdim=True), ref.amax(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(cam, (ref - lo) / (hi - lo + 1e-7), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="score must be one of"):
+        grad_cam(model, x, y, score="softmax")
+
+
+def test_log_softmax_score_sees_evidence_routed_through_the_other_class():
+    """A head that says "finding" only by lowering "No Finding": the logit CAM of the finding is
+    empty, the log-softmax CAM shows where the evidence is."""
+    from torch import nn
+
+    class Routed(nn.Module):
+        def forward_features(self, x):
+            return x[:, :1]  # (B, 1, H, W): one feature channel = the image
+
+        def forward_head(self, f):
+            s = f.mean(dim=(2, 3))  # (B, 1)
+            return torch.cat([-5.0 * s, torch.zeros_like(s)], dim=1)  # (B, 2): No Finding, finding
+
+    x = torch.zeros(1, 3, 16, 16)
+    x[:, :, 2:5, 2:5] = 1.0  # the evidence (a marker) in one corner
+    y = torch.tensor([1])
+    with torch.no_grad():
+        _, cam_logit = grad_cam(Routed(), x, y, score="logit")
+        _, cam_lsm = grad_cam(Routed(), x, y, score="log_softmax")
+    assert float(cam_logit.max()) == 0.0  # d(finding logit)/d features = 0: nothing to see
+    assert float(cam_lsm[0, 0, 2:5, 2:5].mean()) > 0.9 and float(cam_lsm[0, 0, 10:, 10:].max()) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["soft", "energy"])
+def test_vgg_head_shortcut_matches_the_reference_for_the_log_softmax_score(mode):
+    model = _tiny_vgg(drop_rate=0.0)
+    x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 2])
+    outs = {}
+    for way in ("auto", "autograd"):
+        model.zero_grad(set_to_none=True)
+        logits, cam = grad_cam(model, x, y, cam_weights=way, score="log_softmax")
+        cam.sum().backward()
+        outs[way] = cam.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(outs["auto"][0], outs["autograd"][0], atol=1e-5, rtol=1e-4)
+    for name, g in outs["autograd"][1].items():
+        assert float((outs["auto"][1][name] - g).abs().max()) <= 1e-4 * (float(g.abs().max()) + 1e-12), name

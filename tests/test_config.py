@@ -18,6 +18,7 @@ def test_defaults_follow_the_paper():
     assert cfg.train.selection_metric == "val_f1_macro"
     assert cfg.attention.slope == 0.023 and cfg.attention.floor == 0.2
     assert cfg.attention.mode == "paper" and cfg.attention.cam_target == "predicted"
+    assert cfg.attention.cam_score == "logit"  # Grad-CAM as published
 
 
 def test_adaptive_lambda_schedule():
@@ -41,6 +42,7 @@ def test_adaptive_lambda_schedule():
         ({"tau": -1}, "attention.tau"),
         ({"mode": "magic"}, "attention.mode"),
         ({"cam_target": "random"}, "attention.cam_target"),
+        ({"cam_score": "softmax"}, "attention.cam_score"),
         ({"lamda": 0.5}, "attention.lamda"),
     ],
 )

@@ -92,6 +92,24 @@ def test_paper_mode_and_plain_ce(ne_cache, tmp_path):
         assert math.isfinite(r["test_f1_macro"])
 
 
+def test_cam_score_reaches_the_loss_and_the_cam_metrics(ne_cache, tmp_path, monkeypatch):
+    import trainer.loop as loop
+
+    seen = []
+    real = loop.grad_cam
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_grad_enabled(), kwargs.get("score")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "grad_cam", spy)
+    att = {"lambda": 0.5, "mode": "energy", "cam_score": "log_softmax"}
+    r = run_trial(tiny_config(ne_cache, tmp_path / "lsm", attention=att, train={"epochs": 1}))
+    assert {score for _, score in seen} == {"log_softmax"}
+    assert {grad for grad, _ in seen} == {True, False}  # training steps and evaluation
+    assert 0.0 <= r["test_cam_in_region"] <= 1.0
+
+
 def test_bad_inputs_fail_before_training(ne_cache, nep_cache, tmp_path):
     with pytest.raises(CacheError, match=r"\(2\).*asks for.*\(3\)"):
         run_trial(tiny_config(ne_cache, tmp_path / "x", task="nep"))

@@ -34,9 +34,10 @@ from torch import nn
 
 from .backbones import features_to_nchw
 
-__all__ = ["cam_in_region", "grad_cam", "pointing_hits", "pointing_tolerance"]
+__all__ = ["SCORES", "cam_in_region", "grad_cam", "pointing_hits", "pointing_tolerance"]
 
 _EPS = 1e-7
+SCORES = ("logit", "log_softmax")  # what Grad-CAM differentiates (``grad_cam(score=...)``)
 
 
 def grad_cam(
@@ -46,6 +47,7 @@ def grad_cam(
     *,
     create_graph: bool | None = None,
     cam_weights: Literal["auto", "autograd"] = "auto",
+    score: Literal["logit", "log_softmax"] = "logit",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(B, K)`` and Grad-CAM ``(B, 1, H, W)`` in [0, 1] for the whole batch in one pass.
 
@@ -54,9 +56,16 @@ def grad_cam(
     to the input size and min-max scaled per image. ``cam_weights="auto"`` takes the head's
     shortcut for the channel weights where one exists (see the module docstring);
     ``"autograd"`` always differentiates the whole head (the reference).
+    ``score``: what is differentiated — the target class's ``"logit"`` (Grad-CAM as published,
+    the paper's choice) or its ``"log_softmax"``, whose gradient is the logit's minus the
+    probability-weighted gradients of the other classes: evidence a model routes into *another*
+    class's logit (e.g. "marker → less No Finding") then shows in the target's CAM instead of
+    hiding from it (class-contrastive Grad-CAM; see docs/results.md).
     """
     if cam_weights not in ("auto", "autograd"):
         raise ValueError(f"cam_weights must be 'auto' or 'autograd', got {cam_weights!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     outer_grad = torch.is_grad_enabled()
     create_graph = outer_grad if create_graph is None else create_graph and outer_grad
     mlp = _conv_mlp_head(model) if cam_weights == "auto" else None
@@ -69,9 +78,9 @@ def grad_cam(
         if not feats.requires_grad:  # validation under no_grad: graph through the head only
             feats = feats.detach().requires_grad_(True)
         if mlp is not None:
-            logits, weights = _conv_mlp_weights(model, mlp, head_w, feats, target, create_graph)
+            logits, weights = _conv_mlp_weights(model, mlp, head_w, feats, target, create_graph, score)
         else:
-            logits, weights = _autograd_weights(model, feats, target, create_graph)
+            logits, weights = _autograd_weights(model, feats, target, create_graph, score)
     with torch.set_grad_enabled(outer_grad):
         fmap = features_to_nchw(model, feats).float()  # (B, C, h, w)
         weights = weights.float()[:, :, None, None]  # (B, C, 1, 1)
@@ -85,22 +94,25 @@ def grad_cam(
     return logits, cam
 
 
-def _target_score(logits: torch.Tensor, target: torch.Tensor | str) -> torch.Tensor:
-    """Sum over the batch of each row's target logit (rows are independent, so one grad call)."""
+def _target_score(logits: torch.Tensor, target: torch.Tensor | str, score: str = "logit") -> torch.Tensor:
+    """Sum over the batch of each row's target score (rows are independent, so one grad call)."""
     if isinstance(target, str):
         if target != "predicted":
             raise ValueError(f"target must be a class tensor or 'predicted', got {target!r}")
         cls = logits.detach().argmax(1)  # (B,)
     else:
         cls = torch.as_tensor(target, device=logits.device).long().view(-1)  # (B,)
-    return logits.gather(1, cls[:, None]).sum()
+    scores = torch.log_softmax(logits.float(), dim=1) if score == "log_softmax" else logits
+    return scores.gather(1, cls[:, None]).sum()
 
 
-def _autograd_weights(model, feats, target, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _autograd_weights(
+    model, feats, target, create_graph: bool, score: str = "logit"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path: spatial mean of d(score)/d(features) through the whole head."""
     logits = model.forward_head(feats)  # (B, K)
-    score = _target_score(logits, target)
-    (grads,) = torch.autograd.grad(score, feats, create_graph=create_graph, retain_graph=True)
+    total = _target_score(logits, target, score)
+    (grads,) = torch.autograd.grad(total, feats, create_graph=create_graph, retain_graph=True)
     gmap = features_to_nchw(model, grads)  # (B, C, h, w)
     return logits, gmap.mean(dim=(2, 3))  # (B, K), (B, C)
 
@@ -139,7 +151,7 @@ def _conv_mlp_weight_views(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _conv_mlp_weights(
-    model, mlp, head_w, feats, target, create_graph: bool
+    model, mlp, head_w, feats, target, create_graph: bool, score: str = "logit"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel weights through VGG's head without differentiating its convolutions twice.
 
@@ -162,8 +174,8 @@ def _conv_mlp_weights(
         for h in hooks:
             h.remove()
     r1, d1, r2 = seen["r1"], seen["d1"], seen["r2"]  # (B, M, oh, ow), same, (B, M2, oh, ow)
-    score = _target_score(logits, target)
-    (g_r2,) = torch.autograd.grad(score, r2, create_graph=create_graph, retain_graph=True)
+    total = _target_score(logits, target, score)
+    (g_r2,) = torch.autograd.grad(total, r2, create_graph=create_graph, retain_graph=True)
     g_z2 = (g_r2 * (r2 > 0)).permute(0, 2, 3, 1)  # (B, oh, ow, M2)
     g_d1 = (g_z2 @ w2.to(g_z2.dtype)).permute(0, 3, 1, 2)  # (B, M, oh, ow): fc2 transposed
     if d1 is not r1:  # dropout between act1 and fc2 (train mode, p > 0): its mask, by autograd

@@ -129,6 +129,14 @@ class AttentionConfig(_Strict):
     cam_target: Literal["predicted", "label"] = Field(
         "predicted", description="Class whose Grad-CAM is steered: the predicted class (paper) or the label."
     )
+    cam_score: Literal["logit", "log_softmax"] = Field(
+        "logit",
+        description=(
+            "What the Grad-CAM differentiates: the class logit (Grad-CAM, the paper) or its log-softmax "
+            "(class-contrastive: evidence routed into another class's logit shows up). Used by the loss "
+            "and the CAM metrics."
+        ),
+    )
     priors: dict[str, RegionPrior] = Field(
         default_factory=lambda: dict(DEFAULT_PRIORS),
         description=(

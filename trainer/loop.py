@@ -266,7 +266,9 @@ def training_step(
     with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         if att.uses_attention and lam < 1.0:
             target = y if att.cam_target == "label" else "predicted"
-            logits, cam = grad_cam(model, x, target, create_graph=att.mode != "paper")  # (B, K), (B, 1, S, S)
+            logits, cam = grad_cam(
+                model, x, target, create_graph=att.mode != "paper", score=att.cam_score
+            )  # (B, K), (B, 1, S, S)
             region = region_masks(box, y, table, x.shape[-2:])  # (B, 1, S, S)
             l_att = attention_loss(cam, region, y, att.mode, att.threshold, att.tau)
         else:
@@ -317,7 +319,7 @@ def _evaluate(
         with torch.autocast(
             prep.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            logits, cam = grad_cam(model, x, y)  # head-only graph under no_grad
+            logits, cam = grad_cam(model, x, y, score=att.cam_score)  # head-only graph under no_grad
         logits, cam = logits.float(), cam.float()
         region = region_masks(b["box"], y, table, x.shape[-2:])
         ce_sum += F.cross_entropy(logits, y, reduction="sum").item()
