@@ -40,7 +40,7 @@ import numpy as np
 
 from .splits import split_counts
 
-__all__ = ["CLASS_NAMES", "PhantomSet", "generate", "montage", "synthesize"]
+__all__ = ["CLASS_NAMES", "MARKER_BOX", "PhantomSet", "generate", "montage", "synthesize"]
 
 CLASS_NAMES: tuple[str, ...] = ("No Finding", "Effusion", "Pneumothorax", "Subcutaneous Emphysema")
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -57,7 +57,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 # Marker block (image coordinates, fraction of the side): fixed, over the background.
-_MARKER_BOX = (0.045, 0.045, 0.125, 0.125)  # x0, y0, x1, y1
+MARKER_BOX = (0.045, 0.045, 0.125, 0.125)  # x0, y0, x1, y1
 _MAX_LESION_TRIES = 8
 
 
@@ -659,7 +659,7 @@ def _render(
 
     # marker: lead letter block at a fixed image position
     if marker:
-        x0, y0, x1, y1 = _MARKER_BOX
+        x0, y0, x1, y1 = MARKER_BOX
         cx, cy = c[None, :], c[:, None]
         wbar = 0.38 * (x1 - x0)
         box = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
