@@ -379,6 +379,7 @@ def _meta(model: nn.Module, payload: dict[str, Any], run: RunRow, uri: str) -> d
         "input": "grey image resized to image_size, scaled to [0, 1], (x - mean) / std, as 3 channels",
         "best_epoch": int(payload.get("epoch", -1)),
         "cam_target_layer": layer,
+        "cam_score": payload["config"].get("attention", {}).get("cam_score", "logit"),
         "num_features": int(getattr(model, "num_features", 0)),
         "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
         "dataset_cache": str(cache),
@@ -423,7 +424,8 @@ def _model_card(meta: dict[str, Any], payload: dict[str, Any], run: RunRow) -> s
             f"mean {norm['mean']}, std {norm['std']}).",
             f"- Output: logits over {meta['classes']}; softmax gives probabilities.",
             f"- Grad-CAM target layer: `{meta['cam_target_layer']}` (the backbone's last feature map, "
-            "timm `forward_features`); the TorchScript file exposes `features` and `head` for it.",
+            "timm `forward_features`); the TorchScript file exposes `features` and `head` for it. "
+            f"Score differentiated: `{meta.get('cam_score', 'logit')}` (as in training).",
             f"- Files: {files}; max abs logit difference to PyTorch {diffs} on {meta['check_batch']} "
             f"(tolerance {meta['atol']:g}).",
             "",

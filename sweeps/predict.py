@@ -207,8 +207,8 @@ def predict_folder(
         if cam:
             with torch.no_grad():
                 logits, c = grad_cam(
-                    ScriptedBackbone(scripted, meta), xb, "predicted"
-                )  # (B, K), (B, 1, S, S)
+                    ScriptedBackbone(scripted, meta), xb, "predicted", score=meta.get("cam_score", "logit")
+                )  # (B, K), (B, 1, S, S); the CAM the model was trained with
             cam_parts.append(c[:, 0])
         elif runtime == "torchscript":
             with torch.no_grad():

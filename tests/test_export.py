@@ -44,6 +44,7 @@ def test_export_best_run_reproduces_logits_writes_a_card_and_registers(real_swee
     assert meta["run_id"] == best["run_id"]  # the run `best` picks on validation
     assert max(meta["max_abs_logit_diff"].values()) <= 1e-4
     assert meta["cam_target_layer"] == "layer4" and meta["classes"] == ["No Finding", "Effusion"]
+    assert meta["cam_score"] == "logit"  # the trial's attention.cam_score: predict's CAMs use it
 
     # an independent check on other images and another batch size (7): the batch axis is dynamic
     run = MlflowClient(real_sweep.uri).get_run(best["run_id"])
