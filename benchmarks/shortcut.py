@@ -16,8 +16,8 @@ and is selected on validation only, through the same code as ``cxr-sweep best`` 
 
 Per method: test macro F1, AUC, Youden's index, discriminant power, pointing game, CAM-in-lesion
 and CAM-in-prior shares (each run's own CAM: ``cam_score`` as trained), mean ± std over seeds,
-and the **marker effect**: the mean change of P(finding) on
-the test images when the marker block is pasted in vs erased (0 = the marker is ignored). Also a
+and the **marker effect**: the mean change of P(finding) on the test images when the marker block
+is pasted in vs erased (0 = the marker is ignored; null where test has no marker). Also a
 Grad-CAM montage CE vs attention on the same test images and the paper-format report of the grid.
 
     python benchmarks/shortcut.py --out benchmarks/results/shortcut_cpu.json \\
@@ -394,7 +394,7 @@ def _report(runs: list, out: Path, title: str) -> str:
 
 # ---- output -----------------------------------------------------------------------------------------
 def _fmt(s: dict[str, float], digits: int = 3) -> str:
-    if s["n"] == 0 or math.isnan(s["mean"]):
+    if s["n"] == 0 or s["mean"] is None or math.isnan(s["mean"]):
         return "–"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
@@ -433,6 +433,17 @@ def markdown(result: dict[str, Any]) -> str:
         )
         lines.append("")
     return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a metric that does not apply, e.g. the marker effect without markers) as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def full_markdown(result: dict[str, Any]) -> str:
@@ -524,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in res["methods"].values():
                 m.pop("first_run")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=float))
+        args.out.write_text(json.dumps(_json_safe(result), indent=2))
         if args.markdown is not None:
             args.markdown.write_text(full_markdown(result))
         print(markdown(result))
