@@ -497,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--control-tasks {unknown} must also be in --tasks (the control reuses their choices)")
 
+    import ray
+
+    own_ray = not ray.is_initialized()  # the sweeps start Ray; shut it down after unless a caller had it
     t0 = time.perf_counter()
     tmp = None
     if args.work is None:
@@ -541,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(result))
         print(f"wall {result['wall_s']:.0f} s -> {args.out}")
     finally:
+        if own_ray and ray.is_initialized():
+            ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
     return 0

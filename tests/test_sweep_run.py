@@ -45,7 +45,12 @@ def test_every_shipped_space_runs_through_the_cli(space, ne_cache, tmp_path):
         args += ["--set", s]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    name = {"demo.yaml": "demo", "paper_grid.yaml": "paper-grid-ne", "optuna_lambda.yaml": "optuna-lambda-ne"}
+    name = {
+        "demo.yaml": "demo",
+        "paper_grid.yaml": "paper-grid-ne",
+        "optuna_lambda.yaml": "optuna-lambda-ne",
+        "shortcut.yaml": "shortcut-ne-search",
+    }
     client, parents, children = _runs(tmp_path, name[space.name])
     expected = 5 if space.name == "paper_grid.yaml" else 2
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
