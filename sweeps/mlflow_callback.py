@@ -179,7 +179,15 @@ class MlflowSweepCallback(Callback):
         if self.unreachable_since is None:
             self.unreachable_since = time.monotonic()
             print(f"MLflow tracking store unreachable ({type(error).__name__}): trials go on, updates queue")
+        self._forget_last_epoch(trial)
         self.pending.append((name, trial, args))
+
+    def _forget_last_epoch(self, trial) -> None:
+        """A request that failed on the way back may have been stored: the replay re-reads the run's
+        last logged epoch from the store instead of trusting this cache (no epoch logged twice)."""
+        run_id = self.runs.get(getattr(trial, "trial_id", None))
+        if run_id is not None:
+            self.last_epoch.pop(run_id, None)
 
     def _flush(self) -> None:
         while self.pending:
@@ -189,6 +197,7 @@ class MlflowSweepCallback(Callback):
             except Exception as e:
                 if not _store_unreachable(e):
                     raise
+                self._forget_last_epoch(trial)
                 return
             self.pending.pop(0)
         if self.unreachable_since is not None:

@@ -156,3 +156,39 @@ def test_a_store_that_never_comes_back_is_reported_per_trial(monkeypatch):
         cb.TrackingUnavailable, match=r"2 update\(s\) of 2 trial\(s\) were not logged: trial_a, trial_b"
     ):
         callback.on_experiment_end([])
+
+
+def test_a_request_stored_before_its_response_was_lost_is_not_logged_twice(tmp_path):
+    """The store went away after writing epoch 0 but before answering: the replay must not log it
+    again (the flaky duplicate step seen once in the live-server test above)."""
+    from types import SimpleNamespace
+
+    import requests
+    from mlflow.tracking import MlflowClient
+
+    import sweeps.mlflow_callback as cb
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("lost-response")
+    run_id = client.create_run(exp).info.run_id
+    callback = cb.MlflowSweepCallback.__new__(cb.MlflowSweepCallback)
+    callback.client, callback.tracking_uri = client, "sqlite"
+    callback.spec = SimpleNamespace(metric="val_f1_macro", mode="max", name="lost-response")
+    callback.runs, callback.described, callback.tagged = {"t1": run_id}, {"t1"}, {"t1"}
+    callback.last_epoch, callback.best, callback.logged_metrics = {run_id: -1}, {}, 0
+    callback.pending, callback.unreachable_since = [], None
+    trial = SimpleNamespace(trial_id="t1")
+    real = client.log_batch
+
+    def stored_then_lost(*args, **kwargs):
+        real(*args, **kwargs)
+        raise requests.ConnectionError("connection reset by peer")
+
+    client.log_batch = stored_then_lost
+    callback.on_trial_result(0, [], trial, {"epoch": 0, "train_loss": 1.0, "val_f1_macro": 0.5})
+    assert len(callback.pending) == 1  # queued: the callback cannot know the write landed
+    client.log_batch = real
+    callback.on_trial_result(1, [], trial, {"epoch": 1, "train_loss": 0.5, "val_f1_macro": 0.6})
+    assert callback.pending == []
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+    assert steps == [0, 1]
