@@ -108,11 +108,9 @@ def _search_spec(base, name, cache, task, method) -> dict[str, Any]:
 
 
 def _seeds_spec(base, name, cache, task, method, chosen: dict[str, Any], seeds) -> dict[str, Any]:
-    spec = copy.deepcopy(base)
-    spec.update(name=name, search={"algorithm": "grid"}, num_samples=1)
-    spec["trial"]["data"] = {"cache": str(cache), "task": task}
+    spec = _search_spec(base, name, cache, task, method)
+    spec.update(search={"algorithm": "grid"}, num_samples=1)
     att = spec["trial"]["attention"]
-    att["mode"], att["cam_score"] = SEARCHED[method]
     for key in ("lambda", "threshold", "tau"):
         if key in chosen:
             att[key] = chosen[key]
@@ -135,6 +133,14 @@ def _chosen(run) -> dict[str, Any]:
         if f"attention.{key}" in run.params:
             out[key] = float(run.params[f"attention.{key}"])
     return out
+
+
+def _tried(runs) -> list[dict[str, Any]]:
+    """What a search tried: each run's setting with its validation and test F1 (for the JSON)."""
+    return [
+        {"config": _chosen(r), "val_f1_macro": _val(r), "test_f1_macro": r.metrics.get("test_f1_macro")}
+        for r in runs
+    ]
 
 
 def _val(run) -> float:
@@ -333,22 +339,14 @@ def run_task(task: str, base, work: Path, args) -> dict[str, Any]:
     }
     from sweeps.select import rank_runs
 
-    search = {
-        "paper": [
-            {"config": _chosen(r), "val_f1_macro": _val(r), "test_f1_macro": r.metrics.get("test_f1_macro")}
-            for r in grid["runs"]
-        ]
-    }
+    search = {"paper": _tried(grid["runs"])}
     for method in SEARCHED:
         found = _sweep(_search_spec(base, f"{p}-{method}-search", cache, task, method), work)
         best = rank_runs(found["runs"], "val_f1_macro")[0]
         chosen = _chosen(best)
         again = _sweep(_seeds_spec(base, f"{p}-{method}-seeds", cache, task, method, chosen, seeds), work)
         methods[method] = _method(again["runs"], cache, chosen)
-        search[method] = [
-            {"config": _chosen(r), "val_f1_macro": _val(r), "test_f1_macro": r.metrics.get("test_f1_macro")}
-            for r in found["runs"]
-        ]
+        search[method] = _tried(found["runs"])
         sweeps += [found, again]
     res = {"task": task, "condition": "shortcut", "cache": str(cache), "methods": methods, "search": search}
     res["goals"] = _goals(res)
