@@ -55,7 +55,7 @@ def _store_unreachable(e: Exception) -> bool:
 
 
 _EPOCH_PREFIXES = ("train_", "val_")
-_EPOCH_KEYS = ("lambda", "lr", "epoch_time_s")
+_EPOCH_KEYS = ("lambda", "lr", "epoch_time_s", "epoch_train_s", "epoch_val_s")
 
 
 class MlflowSweepCallback(Callback):

@@ -72,6 +72,33 @@ def test_dataset_single_and_batched_reads_agree(tmp_path):
     assert batch["index"].tolist() == [9, 0, 6]
 
 
+def test_mask_free_training_batches_carry_the_same_image_box_and_label(tmp_path):
+    cache = open_cache(_write(tmp_path / "c"))
+    full = CacheDataset(cache, "train").__getitems__([3, 0, 2])
+    lean = CacheDataset(cache, "train", masks=False).__getitems__([3, 0, 2])
+    assert set(full) - set(lean) == {"lung", "lesion"}
+    for k in lean:
+        assert torch.equal(lean[k], full[k]), k
+    prep = BatchTransform("cpu", size=64)
+    a, b = prep(full, train=True), prep(lean, train=True)
+    assert "lung" not in b and all(torch.equal(a[k], b[k]) for k in ("image", "box", "label"))
+    with pytest.raises(ValueError, match="augmentation.*masks"):
+        BatchTransform("cpu", augment=True)(lean, train=True)
+
+
+def test_the_trainers_loader_leaves_masks_out_of_training_batches_only(tmp_path):
+    from trainer.config import TrialConfig
+    from trainer.loop import _loader
+
+    cache = open_cache(_write(tmp_path / "c"))
+    cfg = TrialConfig.from_dict({"data": {"cache": str(cache.path)}})
+    dev = torch.device("cpu")
+    assert "lung" not in next(iter(_loader(cache, "train", cfg, dev)))
+    assert "lesion" in next(iter(_loader(cache, "val", cfg, dev)))
+    aug = TrialConfig.from_dict({"data": {"cache": str(cache.path), "augment": True}})
+    assert "lung" in next(iter(_loader(cache, "train", aug, dev)))  # augmentation moves the masks
+
+
 def test_existing_cache_is_not_overwritten_silently(tmp_path):
     path = _write(tmp_path / "c")
     with pytest.raises(CacheError, match="already exists"):

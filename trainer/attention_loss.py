@@ -19,7 +19,7 @@ import torch
 
 from ._registry import Registry
 
-__all__ = ["LOSS_MODES", "attention_loss", "create_loss_mode"]
+__all__ = ["LOSS_MODES", "attention_loss", "attention_term", "create_loss_mode", "fused_attention_term"]
 
 _EPS = 1e-7
 PerImageLoss = Callable[..., torch.Tensor]
@@ -69,3 +69,62 @@ def attention_loss(
     per_image = LOSS_MODES.get(mode)(cam.float(), region.float(), threshold=threshold, tau=tau)  # (B,)
     counts = (labels != 0) & (region.sum(dim=(1, 2, 3)) > 0)  # (B,)
     return torch.where(counts, per_image, torch.zeros_like(per_image)).mean()
+
+
+def attention_term(
+    fmap: torch.Tensor,
+    weights: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    table: torch.Tensor,
+    size: tuple[int, int],
+    mode: str = "paper",
+    threshold: float = 0.5,
+    tau: float = 0.05,
+) -> torch.Tensor:
+    """L_att from Grad-CAM's parts (:func:`trainer.cam.grad_cam_parts`) in one function.
+
+    CAM (:func:`~trainer.cam.cam_from_parts`) → prior region masks
+    (:func:`~trainer.priors.region_masks`) → :func:`attention_loss`: the same value as those
+    three called in turn. As one function it can be compiled (:func:`fused_attention_term`).
+    """
+    from .cam import cam_from_parts
+    from .priors import region_masks
+
+    cam = cam_from_parts(fmap, weights, size)  # (B, 1, H, W)
+    region = region_masks(boxes, labels, table, size)  # (B, 1, H, W)
+    return attention_loss(cam, region, labels, mode, threshold, tau)
+
+
+class _Fused:
+    """The process's compiled :func:`attention_term` and whether compiling it failed."""
+
+    fn: Callable[..., torch.Tensor] | None = None
+    failed: str | None = None
+
+
+def fused_attention_term(*args, **kwargs) -> torch.Tensor:
+    """:func:`attention_term` through ``torch.compile``: about a hundred small elementwise and
+    reduction ops (and their backward) fused into a few kernels, which pays where a step is
+    bound by kernel launches (a GPU at batch 32–64; see docs/performance.md).
+
+    Compiled once per process (and once more for a new batch size). If compilation fails (no
+    Triton, an unsupported build) the eager function runs instead, with one warning; an error
+    the eager function also raises is raised.
+    """
+    if _Fused.failed is None:
+        if _Fused.fn is None:
+            _Fused.fn = torch.compile(attention_term)
+        try:
+            return _Fused.fn(*args, **kwargs)
+        except Exception as e:  # compile errors surface here, at the first call of a shape
+            _Fused.failed = f"{type(e).__name__}: {e}"
+            import warnings
+
+            warnings.warn(
+                f"train.compile_attention: torch.compile failed, the attention term runs eager: "
+                f"{_Fused.failed[:300]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return attention_term(*args, **kwargs)

@@ -34,7 +34,15 @@ from torch import nn
 
 from .backbones import features_to_nchw
 
-__all__ = ["SCORES", "cam_in_region", "grad_cam", "pointing_hits", "pointing_tolerance"]
+__all__ = [
+    "SCORES",
+    "cam_from_parts",
+    "cam_in_region",
+    "grad_cam",
+    "grad_cam_parts",
+    "pointing_hits",
+    "pointing_tolerance",
+]
 
 _EPS = 1e-7
 SCORES = ("logit", "log_softmax")  # what Grad-CAM differentiates (``grad_cam(score=...)``)
@@ -62,6 +70,33 @@ def grad_cam(
     class's logit (e.g. "marker → less No Finding") then shows in the target's CAM instead of
     hiding from it (class-contrastive Grad-CAM; see docs/results.md).
     """
+    outer_grad = torch.is_grad_enabled()
+    logits, fmap, weights = grad_cam_parts(
+        model, images, target, create_graph=create_graph, cam_weights=cam_weights, score=score
+    )
+    with torch.set_grad_enabled(outer_grad):
+        cam = cam_from_parts(fmap, weights, images.shape[-2:])
+        if not outer_grad:
+            logits, cam = logits.detach(), cam.detach()
+    return logits, cam
+
+
+def grad_cam_parts(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor | Literal["predicted"] = "predicted",
+    *,
+    create_graph: bool | None = None,
+    cam_weights: Literal["auto", "autograd"] = "auto",
+    score: Literal["logit", "log_softmax"] = "logit",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`grad_cam` up to the CAM: logits ``(B, K)``, feature map ``(B, C, h, w)`` and channel
+    weights ``(B, C)``; :func:`cam_from_parts` turns the last two into the CAM.
+
+    The split lets a caller hand the whole elementwise tail (CAM, region, loss) to one
+    ``torch.compile``'d function (:func:`trainer.attention_loss.attention_term`) while the
+    head's double backward stays eager.
+    """
     if cam_weights not in ("auto", "autograd"):
         raise ValueError(f"cam_weights must be 'auto' or 'autograd', got {cam_weights!r}")
     if score not in SCORES:
@@ -82,16 +117,19 @@ def grad_cam(
         else:
             logits, weights = _autograd_weights(model, feats, target, create_graph, score)
     with torch.set_grad_enabled(outer_grad):
-        fmap = features_to_nchw(model, feats).float()  # (B, C, h, w)
-        weights = weights.float()[:, :, None, None]  # (B, C, 1, 1)
-        cam = F.relu((weights * fmap).sum(dim=1, keepdim=True))  # (B, 1, h, w)
-        cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        lo = cam.amin(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
-        hi = cam.amax(dim=(2, 3), keepdim=True)
-        cam = (cam - lo) / (hi - lo + _EPS)  # (B, 1, H, W) in [0, 1]
-        if not outer_grad:
-            logits, cam = logits.detach(), cam.detach()
-    return logits, cam
+        fmap = features_to_nchw(model, feats)  # (B, C, h, w)
+    return logits, fmap, weights
+
+
+def cam_from_parts(fmap: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """CAM ``(B, 1, *size)`` in [0, 1] = ReLU(Σ_c weights·fmap), bilinearly upsampled, min-max scaled."""
+    fmap = fmap.float()  # (B, C, h, w)
+    weights = weights.float()[:, :, None, None]  # (B, C, 1, 1)
+    cam = F.relu((weights * fmap).sum(dim=1, keepdim=True))  # (B, 1, h, w)
+    cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
+    lo = cam.amin(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
+    hi = cam.amax(dim=(2, 3), keepdim=True)
+    return (cam - lo) / (hi - lo + _EPS)  # (B, 1, H, W) in [0, 1]
 
 
 def _target_score(logits: torch.Tensor, target: torch.Tensor | str, score: str = "logit") -> torch.Tensor:

@@ -95,6 +95,11 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto = first visible CUDA device).")
     amp: bool = Field(True, description="Mixed precision (bf16 where supported) on CUDA; ignored on CPU.")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+    compile_attention: bool = Field(
+        False,
+        description="torch.compile the attention term's CAM → region → loss tail into a few fused "
+        "kernels on CUDA (ignored on CPU; falls back to eager with a warning if compiling fails).",
+    )
     deterministic: bool = Field(True, description="Deterministic algorithms (always exact on CPU).")
 
     @field_validator("selection_metric")

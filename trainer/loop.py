@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention_loss import attention_loss
+from .attention_loss import attention_loss, fused_attention_term
 from .backbones import check_input_size, create_backbone
-from .cam import cam_in_region, grad_cam, pointing_hits, pointing_tolerance
+from .cam import cam_in_region, grad_cam, grad_cam_parts, pointing_hits, pointing_tolerance
 from .config import AttentionConfig, ConfigError, TrialConfig, load_config
 from .data.cache import SHAREABLE_ACCESS, Cache, CacheDataset, collate_batch, open_cache
 from .data.transforms import BatchTransform
@@ -108,6 +108,7 @@ def run_trial(
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     table = prior_table(cfg.data.classes, cfg.attention.priors).to(device)
+    fused = cfg.train.compile_attention and device.type == "cuda"
 
     ckpt_dir = out / "checkpoint"
     progress = _Progress()
@@ -122,11 +123,13 @@ def run_trial(
         _seed_all(cfg.train.seed * 100_003 + epoch)  # order, augmentation, dropout: f(seed, epoch)
         lam = cfg.attention.lambda_at(epoch)
         train_stats = _train_epoch(
-            model, loaders["train"], prep, optimizer, scaler, cfg, lam, table, amp_dtype
+            model, loaders["train"], prep, optimizer, scaler, cfg, lam, table, amp_dtype, fused
         )
+        t_train = time.perf_counter() - t0  # the epoch's stats are on the host: the device is done
         if not math.isfinite(train_stats["loss"]):
             raise TrialDiverged(f"trial {cfg.name}: non-finite training loss at epoch {epoch} (λ={lam:g})")
         val = _evaluate(model, loaders["val"], prep, cfg, table, amp_dtype)
+        t_val = time.perf_counter() - t0 - t_train
         metrics: dict[str, float] = {
             "epoch": float(epoch),
             "lambda": lam,
@@ -142,7 +145,8 @@ def run_trial(
             _atomic_save(_model_payload(model, cfg, size, epoch, metrics), ckpt_dir / BEST_FILE)
         else:
             progress.stale_epochs += 1
-        metrics["epoch_time_s"] = time.perf_counter() - t0
+        # training pass, validation pass, and the whole epoch (+ selection and best-model save)
+        metrics |= {"epoch_train_s": t_train, "epoch_val_s": t_val, "epoch_time_s": time.perf_counter() - t0}
         progress.history.append(metrics)
         progress.next_epoch = epoch + 1
         _save_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler, progress, cfg)
@@ -212,7 +216,8 @@ def _val_metric_names(cache: Cache) -> list[str]:
 
 
 def _loader(cache: Cache, split: str, cfg: TrialConfig, device: torch.device) -> torch.utils.data.DataLoader:
-    ds = CacheDataset(cache, split)
+    # a training pass reads image, box and label only, unless augmentation moves the masks too
+    ds = CacheDataset(cache, split, masks=split != "train" or cfg.data.augment)
     if len(ds) == 0:
         raise ConfigError(f"data.cache: {cache.path} has no {split!r} images")
     g = torch.Generator()
@@ -256,15 +261,25 @@ def training_step(
     lam: float,
     table: torch.Tensor,
     amp_dtype: torch.dtype | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """One optimisation step of ``λ·CE + (1−λ)·L_att``; returns detached loss, CE, L_att, logits.
 
     At λ = 1 the step is plain cross-entropy (no CAM). Otherwise the CAM comes from the same
     forward pass (:func:`~trainer.cam.grad_cam`); ``paper`` mode builds no double-backward graph.
+    ``fused``: the CAM → region → loss tail runs compiled (``train.compile_attention``).
     """
     dev = x.device
     with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        if att.uses_attention and lam < 1.0:
+        if att.uses_attention and lam < 1.0 and fused:
+            target = y if att.cam_target == "label" else "predicted"
+            logits, fmap, weights = grad_cam_parts(
+                model, x, target, create_graph=att.mode != "paper", score=att.cam_score
+            )  # (B, K), (B, C, h, w), (B, C)
+            l_att = fused_attention_term(
+                fmap, weights, box, y, table, tuple(x.shape[-2:]), att.mode, att.threshold, att.tau
+            )
+        elif att.uses_attention and lam < 1.0:
             target = y if att.cam_target == "label" else "predicted"
             logits, cam = grad_cam(
                 model, x, target, create_graph=att.mode != "paper", score=att.cam_score
@@ -283,7 +298,9 @@ def training_step(
     return loss.detach(), ce.detach(), l_att.detach(), logits.detach()
 
 
-def _train_epoch(model, loader, prep, optimizer, scaler, cfg: TrialConfig, lam: float, table, amp_dtype):
+def _train_epoch(
+    model, loader, prep, optimizer, scaler, cfg: TrialConfig, lam: float, table, amp_dtype, fused=False
+):
     model.train()
     loader.generator.manual_seed(torch.initial_seed())  # seeded per epoch by the caller: resumable order
     sums = torch.zeros(4, device=prep.device)  # loss, ce, attention, correct
@@ -292,7 +309,7 @@ def _train_epoch(model, loader, prep, optimizer, scaler, cfg: TrialConfig, lam: 
         b = prep(raw, train=True)
         y = b["label"]  # (B,)
         loss, ce, l_att, logits = training_step(
-            model, b["image"], y, b["box"], optimizer, scaler, cfg.attention, lam, table, amp_dtype
+            model, b["image"], y, b["box"], optimizer, scaler, cfg.attention, lam, table, amp_dtype, fused
         )
         bs = y.shape[0]
         n += bs
@@ -309,8 +326,9 @@ def _evaluate(
     model.eval()
     att = cfg.attention
     probs, labels = [], []
-    ce_sum = att_sum = prior_share = prior_n = 0.0
-    hits = lesion_share = lesion_n = 0.0
+    # Sums stay on the device (one transfer at the end, no host sync per batch): CE, L_att,
+    # CAM-in-prior share and count, pointing hits, CAM-in-lesion share and count.
+    sums = torch.zeros(7, dtype=torch.float64, device=prep.device)
     examples: dict[str, list[torch.Tensor]] = {"image": [], "cam": [], "label": [], "pred": []}
     kept = 0
     for raw in loader:
@@ -322,20 +340,28 @@ def _evaluate(
             logits, cam = grad_cam(model, x, y, score=att.cam_score)  # head-only graph under no_grad
         logits, cam = logits.float(), cam.float()
         region = region_masks(b["box"], y, table, x.shape[-2:])
-        ce_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        att_sum += attention_loss(cam, region, y, att.mode, att.threshold, att.tau).item() * y.shape[0]
         pos = (y != 0) & (region.sum(dim=(1, 2, 3)) > 0)
-        prior_share += cam_in_region(cam, region)[pos].sum().item()
-        prior_n += pos.sum().item()
-        known = b["lesion_known"] & (y != 0) & (b["lesion"].sum(dim=(1, 2, 3)) > 0)
-        if known.any():
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        parts = [
+            F.cross_entropy(logits, y, reduction="sum").double(),
+            attention_loss(cam, region, y, att.mode, att.threshold, att.tau).double() * y.shape[0],
+            torch.where(pos, cam_in_region(cam, region).double(), zero).sum(),
+            pos.sum().double(),
+        ]
+        if raw["lesion_known"].any():  # the loader's CPU copy: no device sync
+            known = b["lesion_known"] & (y != 0) & (b["lesion"].sum(dim=(1, 2, 3)) > 0)
             tol = pointing_tolerance(x.shape[-1])
-            hits += pointing_hits(cam, b["lesion"], tol)[known].float().sum().item()
-            lesion_share += cam_in_region(cam, b["lesion"])[known].sum().item()
-            lesion_n += known.sum().item()
+            parts += [
+                torch.where(known, pointing_hits(cam, b["lesion"], tol).double(), zero).sum(),
+                torch.where(known, cam_in_region(cam, b["lesion"]).double(), zero).sum(),
+                known.sum().double(),
+            ]
+        else:
+            parts += [zero, zero, zero]
+        sums += torch.stack(parts)
         p = logits.softmax(1)
-        probs.append(p.cpu())
-        labels.append(y.cpu())
+        probs.append(p)
+        labels.append(y)
         if kept < keep_examples:
             take = keep_examples - kept
             examples["image"].append(x[:take, :1].cpu())
@@ -343,8 +369,9 @@ def _evaluate(
             examples["label"].append(y[:take].cpu())
             examples["pred"].append(p[:take].argmax(1).cpu())
             kept += len(examples["label"][-1])
-    y_prob = torch.cat(probs).double().numpy()
-    y_true = torch.cat(labels).numpy()
+    ce_sum, att_sum, prior_share, prior_n, hits, lesion_share, lesion_n = sums.tolist()
+    y_prob = torch.cat(probs).double().cpu().numpy()
+    y_true = torch.cat(labels).cpu().numpy()
     n = len(y_true)
     m = compute_metrics(y_true, y_prob)
     m["ce"] = ce_sum / n

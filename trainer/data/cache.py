@@ -273,14 +273,17 @@ class CacheDataset(torch.utils.data.Dataset):
     """One split of a cache as a torch Dataset of uint8 tensors (normalisation happens on device).
 
     ``ds[i]`` gives one sample; ``ds.__getitems__(idx)`` (used by DataLoader) gives a whole
-    batch with one fancy-index read per array.
+    batch with one fancy-index read per array. ``masks=False`` leaves out the lung and lesion
+    masks (two thirds of a batch's bytes), which a training pass without augmentation never
+    reads: the lung box comes with the batch.
     """
 
-    def __init__(self, cache: Cache, split: str) -> None:
+    def __init__(self, cache: Cache, split: str, masks: bool = True) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.cache = cache
         self.split = split
+        self.masks = masks
         self.indices = cache.split_indices(split)
 
     def __len__(self) -> int:
@@ -300,15 +303,17 @@ class CacheDataset(torch.utils.data.Dataset):
         def take(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a[srt][inv]))
 
-        return {
+        batch = {
             "image": take(c.images)[:, None],  # (B, 1, S, S) uint8
-            "lung": take(c.lung_masks)[:, None],  # (B, 1, S, S) uint8
             "box": take(c.lung_boxes).long(),  # (B, 4)
-            "lesion": take(c.lesion_masks)[:, None],  # (B, 1, S, S) uint8
             "lesion_known": take(c.lesion_known),  # (B,) bool
             "label": torch.from_numpy(c.labels[rows]),  # (B,)
             "index": torch.from_numpy(rows),  # (B,)
         }
+        if self.masks:
+            batch["lung"] = take(c.lung_masks)[:, None]  # (B, 1, S, S) uint8
+            batch["lesion"] = take(c.lesion_masks)[:, None]  # (B, 1, S, S) uint8
+        return batch
 
 
 def collate_batch(batch: Any) -> Any:

@@ -36,14 +36,19 @@ class BatchTransform:
     def __call__(self, batch: dict[str, torch.Tensor], train: bool = False) -> dict[str, torch.Tensor]:
         nb = self.device.type == "cuda"
         img = batch["image"].to(self.device, non_blocking=nb).float().div_(255.0)  # (B, 1, S, S)
-        lung = batch["lung"].to(self.device, non_blocking=nb).float()  # (B, 1, S, S)
-        lesion = batch["lesion"].to(self.device, non_blocking=nb).float()  # (B, 1, S, S)
+        masks = "lung" in batch  # a mask-free training batch (CacheDataset(masks=False)) has none
+        if masks:
+            lung = batch["lung"].to(self.device, non_blocking=nb).float()  # (B, 1, S, S)
+            lesion = batch["lesion"].to(self.device, non_blocking=nb).float()  # (B, 1, S, S)
+        elif train and self._aug is not None:
+            raise ValueError("augmentation moves the lung and lesion masks: the batch has none")
         box = batch["box"].to(self.device, non_blocking=nb)  # (B, 4)
         src = img.shape[-1]
         if self.size is not None and self.size != src:
             img = F.interpolate(img, size=(self.size, self.size), mode="bilinear", antialias=True)
-            lung = F.interpolate(lung, size=(self.size, self.size), mode="nearest")
-            lesion = F.interpolate(lesion, size=(self.size, self.size), mode="nearest")
+            if masks:
+                lung = F.interpolate(lung, size=(self.size, self.size), mode="nearest")
+                lesion = F.interpolate(lesion, size=(self.size, self.size), mode="nearest")
             box = torch.round(box.float() * (self.size / src)).long()
         if train and self._aug is not None:
             img, lung, lesion = self._aug(img, lung, lesion)
@@ -52,15 +57,16 @@ class BatchTransform:
         img = ((img - MEAN) / STD).expand(-1, 3, -1, -1)  # (B, 3, S, S)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         img = img.contiguous(memory_format=fmt)
-        return {
+        out = {
             "image": img,
-            "lung": lung,
-            "lesion": lesion,
             "box": box,
             "label": batch["label"].to(self.device, non_blocking=nb),
             "lesion_known": batch["lesion_known"].to(self.device, non_blocking=nb),
             "index": batch["index"],
         }
+        if masks:
+            out |= {"lung": lung, "lesion": lesion}
+        return out
 
 
 def _build_augmentation():
