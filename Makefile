@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv develop demo test test-fast lint format bench shortcut clean help
+.PHONY: venv develop demo test test-fast lint format bench bench-gpu shortcut clean help
 
 help:
 	@echo "make demo       phantoms -> lung U-Net -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
 	@echo "make test       ruff + the whole test suite (slow tests included, as CI runs it)"
 	@echo "make test-fast  ruff + the tests not marked slow"
 	@echo "make bench      CPU benchmarks (under 10 min) -> benchmarks/results/*.json"
+	@echo "make bench-gpu  GPU benchmarks (~7 min on one H100/H200) -> benchmarks/results/*_gpu*.json"
 	@echo "make shortcut   does the attention loss beat a shortcut? (~20 min on 2 CPU cores; docs/results.md)"
 	@echo "venv: $(VENV)"
 
@@ -63,6 +64,11 @@ bench: develop
 	$(BIN)/python benchmarks/memory.py --out benchmarks/results/memory_cpu.json
 	$(BIN)/python benchmarks/authors_baseline.py --threads 1 --out benchmarks/results/authors_baseline_cpu_1thread.json
 	$(BIN)/python benchmarks/loader.py --out benchmarks/results/loader_cpu.json
+
+# The GPU set on one CUDA device (docs/performance.md): step time (+ train.compile_attention),
+# resnet50 profiles, the authors' baseline, data loading, torch.compile of the backbone body.
+bench-gpu: develop
+	PYTHON=$(BIN)/python bash benchmarks/gpu.sh benchmarks/results
 
 # The shortcut benchmark (docs/results.md): CE vs paper vs soft/energy on phantoms with a spurious marker.
 shortcut: develop

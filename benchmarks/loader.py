@@ -7,9 +7,11 @@ their lung masks. Then, measured in one run on one machine:
 1. ``prepare``: ``build_cache`` with the default lung U-Net (resnet34 encoder at 256 px,
    untrained: speed does not depend on the weights) → images/s;
 2. one training epoch's worth of batches through the trainer's own DataLoader
-   (``trainer.loop._loader``, default loader settings) and ``BatchTransform``, from the cache,
-   vs the same batches from a Dataset that decodes and resizes the source PNG and mask each time
-   (what a trainer without a cache does every epoch) → ratio;
+   (``trainer.loop._loader``, default loader settings: mask-free training batches) and
+   ``BatchTransform``, from the cache, vs the same batches with the lung and lesion masks (the
+   loader before it left them out of training batches), vs the same batches from a Dataset that
+   decodes and resizes the source PNG and mask each time (what a trainer without a cache does
+   every epoch) → ratios;
 3. the cache's loading time per batch ÷ the time of one training step (the trainer's
    ``training_step``; plain CE, the cheapest step, so the share is an upper bound) → share.
 
@@ -22,18 +24,20 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from trainer.data.cache import open_cache
+from trainer.data.cache import CacheDataset, collate_batch, open_cache
 from trainer.data.images import read_gray, read_mask, resize_gray, resize_mask
 from trainer.data.phantom import synthesize
 from trainer.data.prepare import build_cache, plan_splits
@@ -45,18 +49,23 @@ from trainer.tasks import classes_for
 def make_sources(root: Path, n_patients: int, source_size: int, seed: int = 0) -> Path:
     """NIH-like source PNGs (``source_size`` px) with lung masks and a labels CSV; returns the CSV."""
     ds = synthesize(n_patients, classes_for("ne"), 256, seed)
-    rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "lungs").mkdir(exist_ok=True)
-    rows = []
-    for i, iid in enumerate(ds.image_ids):
+
+    def write(i: int) -> None:  # PNG encoding releases the GIL: threads use every core
+        rng = np.random.default_rng([seed, i])
         big = Image.fromarray(ds.images[i]).resize((source_size, source_size), Image.Resampling.BICUBIC)
-        noisy = np.asarray(big, dtype=np.int16) + rng.normal(0, 3, (source_size, source_size)).astype(
-            np.int16
-        )
+        noise = rng.normal(0, 3, (source_size, source_size)).astype(np.int16)
+        noisy = np.asarray(big, dtype=np.int16) + noise
+        iid = ds.image_ids[i]
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(root / "images" / f"{iid}.png")
         lung = Image.fromarray(ds.lung_masks[i] * np.uint8(255)).resize((source_size, source_size))
         lung.save(root / "lungs" / f"{iid}.png")
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(write, range(len(ds.image_ids))))
+    rows = []
+    for i, iid in enumerate(ds.image_ids):
         rows.append(
             {
                 "image_id": iid,
@@ -111,6 +120,8 @@ def _epoch_time(loader, prep) -> tuple[float, int]:
     for raw in loader:
         prep(raw)
         batches += 1
+    if prep.device.type == "cuda":  # the copies to the device are asynchronous
+        torch.cuda.synchronize(prep.device)
     return time.perf_counter() - t, batches
 
 
@@ -174,18 +185,29 @@ def main(argv: list[str] | None = None) -> dict:
             },
         )
         device = torch.device(args.device)
-        prep = BatchTransform(device, size=args.size)
-        cached_loader = _loader(cache, "train", cfg, device)
+        cuda = device.type == "cuda"  # the trainer's CUDA defaults: channels_last batches, bf16 steps
+        prep = BatchTransform(device, size=args.size, channels_last=cuda and cfg.train.channels_last)
+        cached_loader = _loader(cache, "train", cfg, device)  # mask-free training batches
+        with_masks = torch.utils.data.DataLoader(  # the same with the masks: the loader before
+            CacheDataset(cache, "train", masks=True),
+            batch_size=args.batch_size,
+            shuffle=True,
+            collate_fn=collate_batch,
+            num_workers=cfg.data.num_workers,
+            pin_memory=cuda,
+        )
         src_ds = SourceDataset(cache, root, "train", args.size)
         source_loader = torch.utils.data.DataLoader(
             src_ds, batch_size=args.batch_size, shuffle=True, num_workers=cfg.data.num_workers
         )
-        cached, source = [], []
-        for _ in range(args.repeats):  # interleaved: load drifts hit both alike
+        cached, cached_masks, source = [], [], []
+        for _ in range(args.repeats):  # interleaved: load drifts hit all alike
             cached.append(_epoch_time(cached_loader, prep))
+            cached_masks.append(_epoch_time(with_masks, prep))
             source.append(_epoch_time(source_loader, prep))
         n_batches = cached[0][1]
         t_cache = statistics.median(t for t, _ in cached)
+        t_masks = statistics.median(t for t, _ in cached_masks)
         t_source = statistics.median(t for t, _ in source)
         step_s = _step_time(cfg, cache, prep(next(iter(cached_loader))), args, device)
     per_batch = t_cache / n_batches
@@ -195,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": args.device,
+            "device": torch.cuda.get_device_name(device) if cuda else args.device,
         },
         "setup": {
             "images": len(kept),
@@ -204,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
             "cache_size": args.size,
             "batch_size": args.batch_size,
             "num_workers": cfg.data.num_workers,
+            "pin_memory": cuda,
+            "step": "CE, bf16 autocast, channels_last" if cuda else "CE, fp32",
             "backbone": args.backbone,
             "repeats": args.repeats,
             "segmenter": seg.name,
@@ -211,7 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
         "prepare_images_per_s": round(len(kept) / prepare_s, 2),
         "prepare_s": round(prepare_s, 2),
         "source_generation_s": round(make_s, 2),
-        "epoch_load_s": {"cache": round(t_cache, 4), "source_png": round(t_source, 4)},
+        "epoch_load_s": {
+            "cache": round(t_cache, 4),
+            "cache_with_masks": round(t_masks, 4),
+            "source_png": round(t_source, 4),
+        },
+        "mask_free_speedup": round(t_masks / t_cache, 2),
         "cache_speedup": round(t_source / t_cache, 1),
         "load_per_batch_s": round(per_batch, 5),
         "train_step_s": round(step_s, 4),
@@ -225,19 +254,24 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _step_time(cfg, cache, b: dict[str, torch.Tensor], args, device) -> float:
-    """Median time of the trainer's CE training step on one batch of the cache."""
+    """Median time of the trainer's CE training step on one batch of the cache (its CUDA defaults)."""
     from trainer.backbones import create_backbone
-    from trainer.loop import training_step
+    from trainer.loop import _amp_dtype, training_step
     from trainer.priors import prior_table
 
     model = create_backbone(args.backbone, num_classes=2).to(device).train()
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = _amp_dtype(cfg, device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(enabled=False)
     table = prior_table(cache.classes, cfg.attention.priors)
     times = []
     for i in range(args.repeats + 1):
         t = time.perf_counter()
-        training_step(model, b["image"], b["label"], b["box"], opt, scaler, cfg.attention, 1.0, table)
+        training_step(
+            model, b["image"], b["label"], b["box"], opt, scaler, cfg.attention, 1.0, table, amp_dtype
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:  # the first step warms up

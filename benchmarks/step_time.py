@@ -12,15 +12,24 @@ drift in machine load hits all variants alike; the median of each is reported.
     python benchmarks/step_time.py --device cuda --out benchmarks/results/step_time_gpu.json
     python benchmarks/step_time.py --profile vgg16:soft     # torch.profiler table of one step
     python benchmarks/step_time.py --smoke                  # seconds, for tests
+    python benchmarks/step_time.py --device cuda --compile --only resnet50   # + torch.compile
 
 On CUDA the cases run at batch 32–64 with bf16 autocast and channels_last (the trainer's GPU
 defaults), and each variant's peak ``torch.cuda.max_memory_allocated`` is recorded too.
+``--compile`` adds ``ce_compiled``, ``soft_compiled`` and ``paper_compiled``: the same steps on a
+copy of the model whose ``forward_features`` (the backbone body, where the FLOPs are) goes
+through ``torch.compile``; the head and the CAM stay eager, so the soft mode's double backward
+(which only differentiates the head) is unaffected. Their first warm-up round's time, the
+compilation, is recorded as ``compile_s``. ``--fused`` adds ``soft_fused`` and ``paper_fused``:
+the trainer's ``train.compile_attention`` path, where only the attention term's elementwise tail
+(CAM, region masks, loss) is compiled into a few kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import platform
@@ -59,20 +68,34 @@ _ATTENTION = {
     "paper": ({"lambda": 0.5, "mode": "paper"}, 0.5),
     "soft_ref": ({"lambda": 0.5, "mode": "soft", "cam_target": "label"}, 0.5),
 }
+_ATTENTION |= {f"{k}_fused": _ATTENTION[k] for k in ("soft", "paper")}  # train.compile_attention
 
 
 class StepCase:
     """One backbone, batch and device with its optimizer; ``step(kind)`` runs one training step."""
 
-    def __init__(self, name: str, size: int, batch: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        batch: int,
+        device: str = "cpu",
+        compile: bool = False,
+        fused: bool = False,
+    ) -> None:
         torch.manual_seed(0)
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.model = create_backbone(name, num_classes=2).to(self.device).train()
-        if cuda:  # the trainer's GPU defaults: channels_last + bf16 autocast
+        if cuda:  # the trainer's GPU defaults: channels_last + bf16 autocast, cuDNN autotuning
             self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
         self.amp_dtype = torch.bfloat16 if cuda else None
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-5)
+        if compile:  # a twin with the same weights whose backbone body is compiled
+            self.compiled = copy.deepcopy(self.model)
+            self.compiled.forward_features = torch.compile(self.compiled.forward_features)
+            self.opt_compiled = torch.optim.Adam(self.compiled.parameters(), lr=1e-5)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         x = torch.randn(batch, 3, size, size, device=self.device)  # (B, 3, S, S)
         self.x = x.contiguous(memory_format=torch.channels_last) if cuda else x
@@ -83,24 +106,31 @@ class StepCase:
         self.kinds = ["ce", "soft", "paper"]
         if _conv_mlp_head(self.model) is not None:
             self.kinds.append("soft_ref")
+        if compile:
+            self.kinds += ["ce_compiled", "soft_compiled", "paper_compiled"]
+        if fused:
+            self.kinds += ["soft_fused", "paper_fused"]
 
     def step(self, kind: str) -> float:
         """Seconds for one optimisation step of ``kind`` (device synchronised)."""
-        cfg, lam = _ATTENTION[kind]
+        base = kind.removesuffix("_compiled")
+        model, opt = (self.compiled, self.opt_compiled) if base != kind else (self.model, self.opt)
+        cfg, lam = _ATTENTION[base]
         self._sync()
         t0 = time.perf_counter()
         with _reference_cam() if kind == "soft_ref" else contextlib.nullcontext():
             training_step(
-                self.model,
+                model,
                 self.x,
                 self.y,
                 self.box,
-                self.opt,
+                opt,
                 self.scaler,
                 AttentionConfig(**cfg),
                 lam,
                 self.table,
                 self.amp_dtype,
+                fused=kind.endswith("_fused"),
             )
         self._sync()
         return time.perf_counter() - t0
@@ -120,11 +150,21 @@ def _reference_cam():
         trainer.loop.grad_cam = grad_cam
 
 
-def bench_case(name: str, size: int, batch: int, repeats: int, warmup: int, device: str) -> dict:
-    case = StepCase(name, size, batch, device)
+def bench_case(
+    name: str,
+    size: int,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    device: str,
+    compile: bool = False,
+    fused: bool = False,
+) -> dict:
+    case = StepCase(name, size, batch, device, compile, fused)
+    first: dict[str, float] = {}
     for _ in range(warmup):
         for kind in case.kinds:
-            case.step(kind)
+            first.setdefault(kind, case.step(kind))
     times: dict[str, list[float]] = {k: [] for k in case.kinds}
     for _ in range(repeats):
         for kind in case.kinds:
@@ -151,11 +191,14 @@ def bench_case(name: str, size: int, batch: int, repeats: int, warmup: int, devi
         **{f"ratio_min_{k}_over_ce": low[k] / low["ce"] for k in case.kinds if k != "ce"},
         "all_s": times,
     }
+    if compile or fused:  # the first compiled step of each kind: compilation (and its one step)
+        out["compile_s"] = {k: first[k] for k in case.kinds if k.endswith(("_compiled", "_fused"))}
+    if compile:
+        out["compiled_ratio_over_eager"] = {k: med[f"{k}_compiled"] / med[k] for k in ("ce", "soft", "paper")}
     if case.device.type == "cuda":
         out["peak_memory_bytes"] = _cuda_peaks(case)
-        out["ratio_peak_memory_soft_over_ce"] = (
-            out["peak_memory_bytes"]["soft"] / out["peak_memory_bytes"]["ce"]
-        )
+        peaks = out["peak_memory_bytes"]
+        out |= {f"ratio_peak_memory_{k}_over_ce": peaks[k] / peaks["ce"] for k in case.kinds if k != "ce"}
     return out
 
 
@@ -170,19 +213,37 @@ def _cuda_peaks(case: StepCase) -> dict[str, int]:
     return peaks
 
 
+_LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
 def profile_step(spec: str, device: str, rows: int = 25) -> str:
-    """``backbone:kind`` → torch.profiler table (self CPU time, by input shape) of one warm step."""
+    """``backbone:kind`` → torch.profiler table of one warm step, by input shape.
+
+    On CUDA the table is sorted by the kernels' device time; its last lines are the profiler's
+    totals of host (``Self CPU``) and kernel (``Self CUDA``) time, repeated under the step's
+    wall time with the number of kernel launches: kernel time well under the wall time means
+    the host's dispatch and launches, not the GPU, set the step's pace.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     name, kind = spec.split(":")
-    size, batch = next(((s, b) for n, s, b in [*CPU_CASES, *SMOKE_CASES] if n == name), (224, 2))
-    case = StepCase(name, size, batch, device)
-    case.step(kind)
-    case.step(kind)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    cuda = device.startswith("cuda")
+    cases = GPU_CASES if cuda else [*CPU_CASES, *SMOKE_CASES]
+    size, batch = next(((s, b) for n, s, b in cases if n == name), (224, 2))
+    case = StepCase(name, size, batch, device, fused=kind.endswith("_fused"))
+    for _ in range(3):
+        case.step(kind)
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=acts, record_shapes=True) as prof:
         seconds = case.step(kind)
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
-    return f"{name} {kind} step: {seconds:.3f} s (under the profiler)\n{table}"
+    avg = prof.key_averages(group_by_input_shape=True)
+    table = avg.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+    totals = [ln for ln in table.splitlines() if ln.startswith("Self ") and "time total" in ln]
+    launches = sum(e.count for e in prof.key_averages() if e.key in _LAUNCH_EVENTS)
+    head = f"{name} {size}px b{batch} {kind} step: {seconds * 1e3:.1f} ms (under the profiler)"
+    if cuda:
+        head += f", {launches} kernel launches"
+    return "\n".join([head, table, head, *totals])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="backbone names to run")
     ap.add_argument("--profile", metavar="BACKBONE:KIND", help="print a profile of one step and exit")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants (see above)")
+    ap.add_argument("--fused", action="store_true", help="add soft_fused / paper_fused (see above)")
     args = ap.parse_args(argv)
     if args.threads:  # 1 keeps ratios stable on a machine shared with other jobs (no OpenMP spin-waits)
         torch.set_num_threads(args.threads)
@@ -213,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(f"benchmarks/results/step_time_{'gpu' if cuda else 'cpu'}.json")
     results = []
     for name, size, batch in cases:
-        r = bench_case(name, size, batch, repeats, warmup, args.device)
+        r = bench_case(name, size, batch, repeats, warmup, args.device, args.compile, args.fused)
         results.append(r)
         med = r["median_s"]
         ratios = "  ".join(f"{k} {med[k]:.3f}s ({r[f'ratio_{k}_over_ce']:.3f}x)" for k in med if k != "ce")

@@ -43,6 +43,18 @@ def test_authors_baseline_smoke(tmp_path):
     assert sum(parts.values()) <= r["authors_epoch_s"]
     assert set(r["ours_epoch_s"]) == {"paper", "soft"} and min(r["ours_epoch_s"].values()) > 0
     assert r["ratio_authors_over_ours"]["soft"] == r["authors_epoch_s"] / r["ours_epoch_s"]["soft"]
+    tv = r["ours_train_val_s"]  # the passes alone: the like-for-like figure, never above the epoch
+    assert set(tv) == {"paper", "soft"} and all(0 < tv[m] <= r["ours_epoch_s"][m] for m in tv)
+    assert r["ratio_authors_over_ours_train_val"]["paper"] == r["authors_epoch_s"] / tv["paper"]
+    assert r["device"] == "cpu" and r["target_ratio"] == 20.0
+
+
+def test_profile_step_prints_the_profilers_totals():
+    import step_time
+
+    text = step_time.profile_step("test_resnet:soft", "cpu", rows=5)
+    first, *_, last = text.splitlines()
+    assert first.startswith("test_resnet 64px b4 soft step:") and last.startswith("Self CPU time total")
 
 
 def test_classic_unet_shapes_and_channels():

@@ -18,6 +18,7 @@ def test_loader_benchmark_smoke(tmp_path):
     assert json.loads(out.read_text()) == result
     assert result["setup"]["images"] > 0 and result["prepare_images_per_s"] > 0
     assert result["epoch_load_s"]["source_png"] > result["epoch_load_s"]["cache"] > 0
+    assert result["epoch_load_s"]["cache_with_masks"] > 0 and result["mask_free_speedup"] > 0
     assert 0 < result["load_share_of_step"] < 1
 
 
