@@ -74,21 +74,61 @@ def test_compiled_term_and_fused_step_match_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _fresh(monkeypatch, fn):
+    monkeypatch.setattr(al._Fused, "fn", fn)
+    monkeypatch.setattr(al._Fused, "checked", set())
+    monkeypatch.setattr(al._Fused, "failed", None)
+
+
+def _args(mode="soft", threshold=0.4):
+    model, x, y, box, table = _batch()
+    _, fmap, weights = grad_cam_parts(model, x, y, create_graph=True)
+    return (fmap, weights, box, y, table, tuple(x.shape[-2:]), mode, threshold, 0.05)
+
+
 def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Cannot find a working triton installation")
 
-    monkeypatch.setattr(al._Fused, "fn", broken)
-    monkeypatch.setattr(al._Fused, "failed", None)
-    model, x, y, box, table = _batch()
-    _, fmap, weights = grad_cam_parts(model, x, y, create_graph=True)
-    args = (fmap, weights, box, y, table, tuple(x.shape[-2:]), "soft", 0.4, 0.05)
+    _fresh(monkeypatch, broken)
+    args = _args()
     with pytest.warns(RuntimeWarning, match="compile_attention.*triton"):
         got = fused_attention_term(*args)
     assert got.item() == pytest.approx(attention_term(*args).item(), abs=1e-7)
+    assert got.requires_grad  # the eager term still trains the model
     assert "triton" in al._Fused.failed
     with pytest.raises(ValueError, match="threshold"):  # an error eager raises too still surfaces
         fused_attention_term(*args[:-2], 1.5, 0.05)
+
+
+class _BackwardFails(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("inductor: backward compilation failed")
+
+
+def test_a_backward_that_fails_to_compile_is_caught_before_the_step_needs_it(monkeypatch):
+    """torch.compile builds the backward at the first backward(): the check runs it up front."""
+    _fresh(monkeypatch, lambda *a, **k: _BackwardFails.apply(attention_term(*a, **k)))
+    args = _args()
+    with pytest.warns(RuntimeWarning, match="backward compilation failed"):
+        got = fused_attention_term(*args)
+    torch.autograd.grad(got, [args[0]])  # the returned term is eager: its backward works
+    assert al._Fused.failed is not None
+
+
+def test_bad_inputs_are_not_taken_for_a_compile_failure(monkeypatch):
+    _fresh(monkeypatch, attention_term)  # "compiles" fine: the error is the inputs'
+    with pytest.raises(ValueError, match="threshold"):
+        fused_attention_term(*_args(threshold=1.5))
+    assert al._Fused.failed is None
+    args = _args()
+    assert fused_attention_term(*args).item() == pytest.approx(attention_term(*args).item())
+    assert len(al._Fused.checked) == 1  # checked once for this signature
 
 
 def test_compile_attention_is_an_off_by_default_train_option():

@@ -14,6 +14,7 @@ over all rows. The full objective is ``λ·CE + (1 − λ)·L_att``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -97,10 +98,37 @@ def attention_term(
 
 
 class _Fused:
-    """The process's compiled :func:`attention_term` and whether compiling it failed."""
+    """The process's compiled :func:`attention_term`, the input signatures it was checked on, and
+    why compiling failed (``None`` while it has not)."""
 
-    fn: Callable[..., torch.Tensor] | None = None
-    failed: str | None = None
+    fn: ClassVar[Callable[..., torch.Tensor] | None] = None
+    checked: ClassVar[set[tuple]] = set()
+    failed: ClassVar[str | None] = None
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    def sig(a):
+        return (tuple(a.shape), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a
+
+    return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
+
+
+def _check_compiled(fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> None:
+    """Compile forward *and* backward for this signature now, on detached copies of the inputs:
+    torch.compile builds the backward lazily, at the first ``backward()``, where a failure could
+    no longer fall back to eager."""
+
+    def leaf(a):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return a.detach().requires_grad_(True)
+        return a
+
+    args2 = tuple(leaf(a) for a in args)
+    kwargs2 = {k: leaf(v) for k, v in kwargs.items()}
+    out = fn(*args2, **kwargs2)
+    leaves = [a for a in (*args2, *kwargs2.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if out.requires_grad and leaves:
+        torch.autograd.grad(out, leaves, allow_unused=True)
 
 
 def fused_attention_term(*args, **kwargs) -> torch.Tensor:
@@ -108,16 +136,24 @@ def fused_attention_term(*args, **kwargs) -> torch.Tensor:
     reduction ops (and their backward) fused into a few kernels, which pays where a step is
     bound by kernel launches (a GPU at batch 32–64; see docs/performance.md).
 
-    Compiled once per process (and once more for a new batch size). If compilation fails (no
-    Triton, an unsupported build) the eager function runs instead, with one warning; an error
-    the eager function also raises is raised.
+    Compiled once per process and input signature (a new batch size compiles again). Before a
+    signature's first use its forward and backward are compiled and run once on detached copies
+    of the inputs, so a compilation failure (no Triton, an unsupported build) is caught here:
+    the eager function then runs for the rest of the process, after one warning. An error the
+    eager function raises as well (a bad threshold, out of memory) is raised, not taken for a
+    compilation failure.
     """
     if _Fused.failed is None:
-        if _Fused.fn is None:
-            _Fused.fn = torch.compile(attention_term)
         try:
+            if _Fused.fn is None:
+                _Fused.fn = torch.compile(attention_term)
+            sig = _signature(args, kwargs)
+            if sig not in _Fused.checked:
+                _check_compiled(_Fused.fn, args, kwargs)
+                _Fused.checked.add(sig)
             return _Fused.fn(*args, **kwargs)
-        except Exception as e:  # compile errors surface here, at the first call of a shape
+        except Exception as e:
+            out = attention_term(*args, **kwargs)  # raises too if the inputs, not compiling, are at fault
             _Fused.failed = f"{type(e).__name__}: {e}"
             import warnings
 
@@ -127,4 +163,5 @@ def fused_attention_term(*args, **kwargs) -> torch.Tensor:
                 RuntimeWarning,
                 stacklevel=2,
             )
+            return out
     return attention_term(*args, **kwargs)
