@@ -19,7 +19,7 @@ and the best-checkpoint save, which the model of the authors' step leaves out: t
 conservative ratio). The machine may be shared, so the two are interleaved: one of our epochs
 (our variants in turn) runs before theirs and after each of their batches, outside their
 timing; ours is the median of those. An untimed epoch of
-ours runs first, so both sides are timed in a warm process (oneDNN kernels and allocator set
+each of our variants runs first, so both sides are timed in a warm process (oneDNN kernels and allocator set
 up: about 2.5 s of a fresh process's first resnet50 epoch here, 1–2 % of theirs, most of ours).
 
     python benchmarks/authors_baseline.py --out benchmarks/results/authors_baseline_cpu.json

@@ -13,8 +13,8 @@ out=${1:?usage: benchmarks/gpu.sh OUT_DIR [--smoke]}
 smoke=${2:-}
 py=${PYTHON:-python}
 device=${DEVICE:-cuda}
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1  # relative to the caller, not the repo
 cd "$(dirname "$0")/.." || exit 1
-mkdir -p "$out"
 log="$out/gpu_bench.log"
 export PYTHONUNBUFFERED=1
 failed=0

@@ -87,7 +87,8 @@ class StepCase:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.model = create_backbone(name, num_classes=2).to(self.device).train()
-        if cuda:  # the trainer's GPU defaults: channels_last + bf16 autocast, cuDNN autotuning
+        if cuda:  # the trainer's GPU defaults (channels_last, bf16 autocast) + cuDNN autotuning,
+            # which the trainer turns on only with train.deterministic: false
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.amp_dtype = torch.bfloat16 if cuda else None
