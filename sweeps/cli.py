@@ -193,9 +193,10 @@ def demo(
     smoke: Annotated[bool, typer.Option(help="Tiny and fast: for tests.")] = False,
 ) -> None:
     """Generate phantoms, build the cache and train one trial with the embedded defaults."""
-    from trainer.config import TrialConfig, apply_overrides
+    from trainer.config import TrialConfig
     from trainer.data.phantom import generate
     from trainer.data.sources import cache_from_phantoms
+    from trainer.dotted import apply_overrides
 
     from .tracking import default_tracking_uri
 

@@ -17,15 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.config import (
-    ConfigError,
-    TrialConfig,
-    apply_overrides,
-    format_validation_error,
-    load_yaml_mapping,
-    resolve_priors_file,
-    set_dotted,
-)
+from trainer.config import ConfigError, TrialConfig, resolve_priors_file
+from trainer.dotted import apply_overrides, format_validation_error, load_yaml_mapping, set_dotted
 
 __all__ = [
     "SweepSpec",

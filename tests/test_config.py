@@ -16,7 +16,8 @@ def test_defaults_follow_the_paper():
     assert cfg.train.plateau_factor == 0.1 and cfg.train.plateau_patience == 10
     assert cfg.train.epochs == 100 and cfg.train.early_stop_patience == 30
     assert cfg.train.selection_metric == "val_f1_macro"
-    assert cfg.attention.slope == 0.023 and cfg.attention.floor == 0.2
+    adaptive = TrialConfig.from_dict(_base(**{"lambda": "adaptive"})).attention
+    assert adaptive.schedule == {"slope": 0.023, "floor": 0.2}  # the schedule's defaults, resolved
     assert cfg.attention.mode == "paper" and cfg.attention.cam_target == "predicted"
     assert cfg.attention.cam_score == "logit"  # Grad-CAM as published
 

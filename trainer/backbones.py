@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._registry import Registry, UnknownNameError
+from .errors import UserError
 
 __all__ = [
     "BACKBONES",
@@ -29,7 +30,7 @@ __all__ = [
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone cannot be built or cannot take the requested input."""
 
 

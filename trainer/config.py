@@ -3,20 +3,31 @@
 One :class:`TrialConfig` describes everything a trial needs. It loads from YAML
 (:meth:`TrialConfig.from_file`), rejects unknown keys, validates ranges, and is saved
 resolved next to every run (:meth:`TrialConfig.save`). Names of backbones, loss modes,
-λ schedules and tasks are checked against their registries so a typo fails early with
-the list of valid names.
+λ schedules, region priors and tasks are checked against their registries so a typo fails
+early with the list of valid names.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from .priors import DEFAULT_PRIORS, RegionPrior
+from .dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping
+from .errors import ConfigError
+from .priors import DEFAULT_PRIORS, RegionPrior, create_prior
+from .schedules import FIXED, create_schedule, resolve_schedule, schedule_names, schedule_parameters
 from .tasks import TASKS, classes_for
 
 __all__ = [
@@ -26,17 +37,9 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "TrialConfig",
-    "apply_overrides",
-    "format_validation_error",
     "load_config",
-    "load_yaml_mapping",
     "resolve_priors_file",
-    "set_dotted",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and the field."""
 
 
 class _Strict(BaseModel):
@@ -121,13 +124,18 @@ class TrainConfig(_Strict):
 
 
 class AttentionConfig(_Strict):
-    lambda_: float | Literal["adaptive"] = Field(
+    lambda_: float | str = Field(
         1.0,
         alias="lambda",
-        description="Weight of cross-entropy: L = λ·CE + (1−λ)·L_att. 1 = plain CE; 'adaptive' = schedule.",
+        description="Weight of cross-entropy: L = λ·CE + (1−λ)·L_att. A number in [0, 1] (1 = plain CE), "
+        "or the name of a λ schedule: " + ", ".join(schedule_names()) + " (trainer/schedules.py).",
     )
-    slope: float = Field(0.023, gt=0.0, description="Adaptive λ: λ_epoch = max(floor, 1 − slope·epoch).")
-    floor: float = Field(0.2, ge=0.0, le=1.0, description="Adaptive λ floor.")
+    schedule: dict[str, float] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Parameters of the λ schedule that `lambda` names, e.g. {slope: 0.023, floor: 0.2} for "
+        "adaptive; the schedule's defaults fill what is left out. Empty for a fixed λ.",
+    )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="CAM threshold t of the attention loss.")
     mode: str = Field("paper", description="Attention-loss mode: paper | soft | energy.")
     tau: float = Field(0.05, gt=0.0, description="Temperature τ of the soft threshold (mode soft).")
@@ -145,28 +153,76 @@ class AttentionConfig(_Strict):
     priors: dict[str, RegionPrior] = Field(
         default_factory=lambda: dict(DEFAULT_PRIORS),
         description=(
-            "Region prior per pathology class name (relative to the lung box), or the path of a "
-            "priors YAML written by `cxr-sweep prior` (its classes replace the defaults)."
+            "Region prior per pathology class name: a registered prior's name (lower_lung, upper_lung, "
+            "outside_lung_columns, whole_lung), an inline {x, y, columns} relative to the lung box, or the "
+            "path of a priors YAML written by `cxr-sweep prior` (its classes replace the defaults)."
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule_parameters_beside_lambda(cls, data: Any) -> Any:
+        """Configs written before ``schedule`` existed give a schedule's parameters beside λ
+        (``attention: {lambda: adaptive, slope: 0.05}``): they move into ``schedule``. Beside a fixed
+        λ they never had an effect, and are dropped."""
+        if not isinstance(data, dict):
+            return data
+        lam = data.get("lambda", data.get("lambda_"))
+        loose = [
+            k
+            for k in data
+            if k not in cls.model_fields
+            and k != "lambda"
+            and any(k in schedule_parameters(n) for n in schedule_names())
+        ]
+        if not loose:
+            return data
+        data = dict(data)
+        if isinstance(lam, str) and lam in schedule_names():
+            own = schedule_parameters(lam)
+            schedule = dict(data.get("schedule") or {})
+            for k in loose:
+                if k in own:
+                    schedule.setdefault(k, data.pop(k))
+            data["schedule"] = schedule
+        elif not isinstance(lam, str):
+            for k in loose:
+                data.pop(k)
+        return data
+
+    @field_validator("lambda_")
+    @classmethod
+    def _lambda(cls, v: float | str) -> float | str:
+        if isinstance(v, str):
+            if v not in schedule_names():
+                raise ValueError(
+                    f"lambda must be a number in [0, 1] or a λ schedule "
+                    f"({', '.join(schedule_names())}), got {v!r}"
+                )
+            return v
+        create_schedule(FIXED, value=v)  # the range check
+        return float(v)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        lam = info.data.get("lambda_")
+        if isinstance(lam, str):
+            return resolve_schedule(lam, v)
+        if v and lam is not None:
+            raise ValueError(f"a fixed lambda ({lam}) takes no schedule parameters, got {', '.join(v)}")
+        return v
+
     @field_validator("priors", mode="before")
     @classmethod
-    def _priors_file(cls, v: Any) -> Any:
+    def _priors(cls, v: Any) -> Any:
         if isinstance(v, str | Path):
             from .priors import load_priors
 
             return {**DEFAULT_PRIORS, **load_priors(v)}
+        if isinstance(v, Mapping):
+            return {k: create_prior(p) if isinstance(p, str) else p for k, p in v.items()}
         return v
-
-    @field_validator("lambda_")
-    @classmethod
-    def _lambda_range(cls, v: float | str) -> float | str:
-        if isinstance(v, str):
-            return v
-        if not (0.0 <= v <= 1.0) or math.isnan(v):
-            raise ValueError(f"lambda must be in [0, 1] or 'adaptive', got {v}")
-        return float(v)
 
     @field_validator("mode")
     @classmethod
@@ -182,11 +238,10 @@ class AttentionConfig(_Strict):
         return self.lambda_ != 1.0
 
     def lambda_at(self, epoch: int) -> float:
-        from .schedules import create_schedule
-
-        if self.lambda_ == "adaptive":
-            return create_schedule("adaptive", slope=self.slope, floor=self.floor)(epoch)
-        return create_schedule("fixed", value=float(self.lambda_))(epoch)
+        """λ of ``epoch`` (counted from 0)."""
+        if isinstance(self.lambda_, str):
+            return create_schedule(self.lambda_, **self.schedule)(epoch)
+        return create_schedule(FIXED, value=self.lambda_)(epoch)
 
 
 class TrialConfig(_Strict):
@@ -253,17 +308,7 @@ class TrialConfig(_Strict):
 
     def flat_params(self) -> dict[str, str]:
         """The config as flat ``section.key`` → string (MLflow params)."""
-        out: dict[str, str] = {}
-
-        def walk(prefix: str, obj: Any) -> None:
-            if isinstance(obj, dict):
-                for k, v in obj.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
-            else:
-                out[prefix] = "" if obj is None else str(obj)
-
-        walk("", self.to_dict())
-        return out
+        return {k: "" if v is None else str(v) for k, v in flatten(self.to_dict()).items()}
 
 
 def resolve_priors_file(raw: dict[str, Any], base: Path) -> None:
@@ -281,49 +326,3 @@ def load_config(source: str | Path | dict[str, Any] | TrialConfig) -> TrialConfi
     if isinstance(source, dict):
         return TrialConfig.from_dict(source)
     return TrialConfig.from_file(source)
-
-
-def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping names the file."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return raw
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """``raw["a"]["b"]["c"] = value`` for ``key`` ``"a.b.c"``, creating missing sections."""
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part!r} is not a config section")
-    node[parts[-1]] = value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML scalars) in place."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        set_dotted(raw, key, yaml.safe_load(value) if value != "" else None)
-    return raw
-
-
-def format_validation_error(e: ValidationError, source: str, what: str = "trial config") -> str:
-    """One line per problem, each naming the field (``a.b.c``); unknown keys said plainly."""
-    lines = [f"{source}: invalid {what}"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)

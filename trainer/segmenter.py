@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Segmenter",
@@ -36,7 +38,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "cxr-lung-unet/1"
 
 
-class SegmenterError(ValueError):
+class SegmenterError(UserError):
     """A bad segmenter checkpoint, a mismatch with what the caller expects, or unusable training data."""
 
 
@@ -155,6 +157,25 @@ class Segmenter:
         if s != n:
             prob = F.interpolate(prob, size=(s, s), mode="bilinear", align_corners=False)
         return prob[:, 0].float().cpu().numpy()
+
+    def masks_at_own_size(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Post-processed lung masks of grey uint8 images of any sizes, each at its own size.
+
+        Each image is resized to the U-Net's input (as caches resize), and its probability map
+        back to the image's size (bilinear) before the threshold and the clean-up.
+        """
+        from PIL import Image
+
+        from .data.images import resize_gray
+
+        n = self.meta.input_size
+        prob = self.probabilities(np.stack([resize_gray(img, n) for img in images]))  # (B, n, n)
+        masks = []
+        for img, p in zip(images, prob, strict=True):
+            h, w = img.shape
+            full = np.asarray(Image.fromarray(p).resize((w, h), Image.Resampling.BILINEAR))  # (H, W)
+            masks.append(postprocess(full, self.meta.threshold))
+        return masks
 
     def predict(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """``(B, S, S)`` uint8 grey images → post-processed ``(B, S, S)`` uint8 lung masks."""

@@ -31,7 +31,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .boxes import boxes_from_masks
+from .splits import SPLITS
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -49,10 +51,9 @@ DataAccess = Literal["synthetic", "public", "private"]
 SHAREABLE_ACCESS = ("synthetic", "public")  # datasets whose images may leave the cluster
 _ARRAYS = ("images", "lung_masks", "lung_boxes", "lesion_masks", "lesion_known")
 _MANIFEST_COLUMNS = ("image_id", "patient_id", "label", "split", "source_path")
-SPLITS = ("train", "val", "test")
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A missing, incomplete, corrupted or mismatched dataset cache (the message names the file)."""
 
 

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
 __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "read_gray", "read_mask", "resize_gray", "resize_mask"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """A missing or undecodable image (the message names the file)."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..tasks import NO_FINDING, TASKS, classes_for
 from .cache import CacheError, write_cache
 from .images import IMAGE_SUFFIXES, ImageReadError, read_gray, read_mask
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """Bad source data: missing columns, unknown labels, duplicate ids, paths outside the root..."""
 
 

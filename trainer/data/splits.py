@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = [
     "SPLITS",
     "Record",
@@ -30,7 +32,7 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
+class SplitError(UserError):
     """Data that cannot be split as asked (empty class, patient overlap in a given split...)."""
 
 
