@@ -7,7 +7,7 @@ their lung masks. Then, measured in one run on one machine:
 1. ``prepare``: ``build_cache`` with the default lung U-Net (resnet34 encoder at 256 px,
    untrained: speed does not depend on the weights) → images/s;
 2. one training epoch's worth of batches through the trainer's own DataLoader
-   (``trainer.loop._loader``, default loader settings: mask-free training batches) and
+   (``trainer.loop.split_loader``, default loader settings: mask-free training batches) and
    ``BatchTransform``, from the cache, vs the same batches with the lung and lesion masks (the
    loader before it left them out of training batches), vs the same batches from a Dataset that
    decodes and resizes the source PNG and mask each time (what a trainer without a cache does
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size = 4
     torch.manual_seed(0)
     from trainer.config import TrialConfig
-    from trainer.loop import _loader
+    from trainer.loop import split_loader
     from trainer.segmenter import Segmenter, SegmenterMeta, build_unet
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device(args.device)
         cuda = device.type == "cuda"  # the trainer's CUDA defaults: channels_last batches, bf16 steps
         prep = BatchTransform(device, size=args.size, channels_last=cuda and cfg.train.channels_last)
-        cached_loader = _loader(cache, "train", cfg, device)  # mask-free training batches
+        cached_loader = split_loader(cache, "train", cfg, device)  # mask-free training batches
         with_masks = torch.utils.data.DataLoader(  # the same with the masks: the loader before
             CacheDataset(cache, "train", masks=True),
             batch_size=args.batch_size,
@@ -256,22 +256,20 @@ def main(argv: list[str] | None = None) -> dict:
 def _step_time(cfg, cache, b: dict[str, torch.Tensor], args, device) -> float:
     """Median time of the trainer's CE training step on one batch of the cache (its CUDA defaults)."""
     from trainer.backbones import create_backbone
-    from trainer.loop import _amp_dtype, training_step
+    from trainer.loop import amp_dtype, training_step
     from trainer.priors import prior_table
 
     model = create_backbone(args.backbone, num_classes=2).to(device).train()
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = _amp_dtype(cfg, device)
+    amp = amp_dtype(cfg, device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(enabled=False)
     table = prior_table(cache.classes, cfg.attention.priors)
     times = []
     for i in range(args.repeats + 1):
         t = time.perf_counter()
-        training_step(
-            model, b["image"], b["label"], b["box"], opt, scaler, cfg.attention, 1.0, table, amp_dtype
-        )
+        training_step(model, b["image"], b["label"], b["box"], opt, scaler, cfg.attention, 1.0, table, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:  # the first step warms up

@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 
-import trainer.loop
+import trainer.cam
+from trainer.attention_loss import select_attention_term
 from trainer.backbones import create_backbone
-from trainer.cam import _conv_mlp_head, grad_cam
+from trainer.cam import grad_cam_parts, has_head_shortcut
 from trainer.config import AttentionConfig
 from trainer.loop import training_step
 from trainer.priors import DEFAULT_PRIORS, prior_table
@@ -105,7 +106,7 @@ class StepCase:
         self.box = torch.tensor(box, device=self.device)  # (B, 4) x, y, w, h
         self.table = prior_table(CLASSES, DEFAULT_PRIORS).to(self.device)
         self.kinds = ["ce", "soft", "paper"]
-        if _conv_mlp_head(self.model) is not None:
+        if has_head_shortcut(self.model):
             self.kinds.append("soft_ref")
         if compile:
             self.kinds += ["ce_compiled", "soft_compiled", "paper_compiled"]
@@ -131,7 +132,7 @@ class StepCase:
                 lam,
                 self.table,
                 self.amp_dtype,
-                fused=kind.endswith("_fused"),
+                term=select_attention_term(kind.endswith("_fused")),
             )
         self._sync()
         return time.perf_counter() - t0
@@ -144,11 +145,11 @@ class StepCase:
 @contextlib.contextmanager
 def _reference_cam():
     """Make the training step take Grad-CAM's reference path (whole-head double backward)."""
-    trainer.loop.grad_cam = functools.partial(grad_cam, cam_weights="autograd")
+    trainer.cam.grad_cam_parts = functools.partial(grad_cam_parts, cam_weights="autograd")
     try:
         yield
     finally:
-        trainer.loop.grad_cam = grad_cam
+        trainer.cam.grad_cam_parts = grad_cam_parts
 
 
 def bench_case(

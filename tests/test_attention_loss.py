@@ -3,7 +3,8 @@ import torch
 
 from trainer.attention_loss import attention_loss
 from trainer.backbones import create_backbone
-from trainer.cam import cam_in_region, grad_cam
+from trainer.cam import grad_cam
+from trainer.metrics import cam_in_region
 from trainer.priors import DEFAULT_PRIORS, RegionPrior, prior_table, region_masks
 from trainer.tasks import TASKS
 

@@ -88,15 +88,15 @@ def test_mask_free_training_batches_carry_the_same_image_box_and_label(tmp_path)
 
 def test_the_trainers_loader_leaves_masks_out_of_training_batches_only(tmp_path):
     from trainer.config import TrialConfig
-    from trainer.loop import _loader
+    from trainer.loop import split_loader
 
     cache = open_cache(_write(tmp_path / "c"))
     cfg = TrialConfig.from_dict({"data": {"cache": str(cache.path)}})
     dev = torch.device("cpu")
-    assert "lung" not in next(iter(_loader(cache, "train", cfg, dev)))
-    assert "lesion" in next(iter(_loader(cache, "val", cfg, dev)))
+    assert "lung" not in next(iter(split_loader(cache, "train", cfg, dev)))
+    assert "lesion" in next(iter(split_loader(cache, "val", cfg, dev)))
     aug = TrialConfig.from_dict({"data": {"cache": str(cache.path), "augment": True}})
-    assert "lung" in next(iter(_loader(cache, "train", aug, dev)))  # augmentation moves the masks
+    assert "lung" in next(iter(split_loader(cache, "train", aug, dev)))  # augmentation moves the masks
 
 
 def test_existing_cache_is_not_overwritten_silently(tmp_path):

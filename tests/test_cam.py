@@ -4,7 +4,8 @@ import timm
 import torch
 
 from trainer.backbones import create_backbone
-from trainer.cam import cam_in_region, grad_cam, pointing_hits
+from trainer.cam import grad_cam, has_head_shortcut
+from trainer.metrics import cam_in_region, pointing_hits
 
 
 def _oracle(model, x, target, layer):
@@ -114,10 +115,8 @@ def _step_grads(model, x, y, region, mode, cam_weights):
 @pytest.mark.parametrize("mode", ["soft", "energy", "paper"])
 def test_vgg_head_shortcut_matches_the_double_backward(size, mode):
     """The kernel-sum channel weights give the reference's CAM and the same parameter gradients."""
-    from trainer.cam import _conv_mlp_head
-
     model = _tiny_vgg()
-    assert _conv_mlp_head(model) is model.pre_logits  # the shortcut is what "auto" runs here
+    assert has_head_shortcut(model)  # the shortcut is what "auto" runs here
     x = torch.randn(4, 3, size, size)
     y = torch.tensor([0, 1, 2, 1])
     region = torch.zeros(4, 1, size, size)
@@ -147,10 +146,8 @@ def test_vgg_head_shortcut_under_no_grad_matches():
 
 
 def test_padded_head_falls_back_to_the_reference():
-    from trainer.cam import _conv_mlp_head
-
     model = _tiny_vgg(padding=1)  # a padded fc1 breaks the kernel-sum identity
-    assert _conv_mlp_head(model) is None
+    assert not has_head_shortcut(model)
     with pytest.raises(ValueError, match="cam_weights must be"):
         grad_cam(model, torch.randn(1, 3, 64, 64), cam_weights="fast")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import trainer.attention_loss as al
-from trainer.attention_loss import attention_loss, attention_term, fused_attention_term
+from trainer.attention_loss import attention_loss, attention_term, fused_attention_term, select_attention_term
 from trainer.backbones import create_backbone
 from trainer.cam import grad_cam, grad_cam_parts
 from trainer.config import AttentionConfig, TrialConfig
@@ -67,7 +67,8 @@ def test_compiled_term_and_fused_step_match_eager():
     for fused, m in zip((False, True), twins, strict=True):
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        out.append(training_step(m, x, y, box, opt, scaler, att, 0.5, table, None, fused=fused))
+        term = select_attention_term(fused)
+        out.append(training_step(m, x, y, box, opt, scaler, att, 0.5, table, None, term=term))
     for a, b in zip(out[0][:3], out[1][:3], strict=True):
         assert b.item() == pytest.approx(a.item(), abs=1e-5)
     for (name, a), b in zip(twins[0].named_parameters(), twins[1].parameters(), strict=True):

@@ -93,16 +93,16 @@ def test_paper_mode_and_plain_ce(ne_cache, tmp_path):
 
 
 def test_cam_score_reaches_the_loss_and_the_cam_metrics(ne_cache, tmp_path, monkeypatch):
-    import trainer.loop as loop
+    import trainer.cam as cam
 
     seen = []
-    real = loop.grad_cam
+    real = cam.grad_cam_parts
 
     def spy(*args, **kwargs):
         seen.append((torch.is_grad_enabled(), kwargs.get("score")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "grad_cam", spy)
+    monkeypatch.setattr(cam, "grad_cam_parts", spy)  # the one CAM seam: training steps and evaluation
     att = {"lambda": 0.5, "mode": "energy", "cam_score": "log_softmax"}
     r = run_trial(tiny_config(ne_cache, tmp_path / "lsm", attention=att, train={"epochs": 1}))
     assert {score for _, score in seen} == {"log_softmax"}
@@ -122,9 +122,9 @@ def test_bad_inputs_fail_before_training(ne_cache, nep_cache, tmp_path):
 
 
 def test_divergence_is_reported(ne_cache, tmp_path, monkeypatch):
-    import trainer.loop as loop
+    import trainer.attention_loss as al
 
-    real = loop.attention_loss
-    monkeypatch.setattr(loop, "attention_loss", lambda *a, **k: real(*a, **k) * torch.tensor(float("nan")))
+    real = al.attention_loss
+    monkeypatch.setattr(al, "attention_loss", lambda *a, **k: real(*a, **k) * torch.tensor(float("nan")))
     with pytest.raises(TrialDiverged, match="non-finite training loss at epoch 0"):
         run_trial(tiny_config(ne_cache, tmp_path / "nan", train={"epochs": 1}))

@@ -9,49 +9,88 @@ For one image with region mask R and Grad-CAM M in [0, 1]:
 
 No Finding images (label 0) and images without a region count 0; the batch loss is the mean
 over all rows. The full objective is ``λ·CE + (1 − λ)·L_att``.
+
+Each mode is registered (:data:`LOSS_MODES`) with what the trainer needs to know of it: whether
+its value carries a gradient, and which attention settings (threshold, τ) it reads. Adding a mode
+is one decorated function in this file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ._registry import Registry
 
-__all__ = ["LOSS_MODES", "attention_loss", "attention_term", "create_loss_mode", "fused_attention_term"]
+__all__ = [
+    "LOSS_MODES",
+    "LossMode",
+    "attention_loss",
+    "attention_term",
+    "create_loss_mode",
+    "fused_attention_term",
+    "select_attention_term",
+]
 
 _EPS = 1e-7
 PerImageLoss = Callable[..., torch.Tensor]
-LOSS_MODES: Registry[PerImageLoss] = Registry("attention-loss mode")
+
+
+@dataclass(frozen=True)
+class LossMode:
+    """An attention-loss mode: its per-image loss and the properties the trainer acts on."""
+
+    name: str
+    per_image: PerImageLoss  # (cam (B, 1, H, W), region (B, 1, H, W), threshold, tau) → (B,)
+    differentiable: bool  # L_att carries a gradient to the model (else the update is λ·∇CE only)
+    uses: frozenset[str]  # the attention settings it reads besides CAM and region
+
+
+LOSS_MODES: Registry[LossMode] = Registry("attention-loss mode")
+
+
+def _mode(
+    name: str, *, differentiable: bool, uses: tuple[str, ...]
+) -> Callable[[PerImageLoss], PerImageLoss]:
+    """Register ``fn`` as loss mode ``name`` with its properties."""
+
+    def deco(fn: PerImageLoss) -> PerImageLoss:
+        mode = LossMode(name, fn, differentiable, frozenset(uses))
+        LOSS_MODES.register(name)(lambda: mode)
+        return fn
+
+    return deco
 
 
 def _area(region: torch.Tensor) -> torch.Tensor:
     return region.sum(dim=(1, 2, 3)).clamp_min(1.0)  # (B,)
 
 
-@LOSS_MODES.register("paper")
+@_mode("paper", differentiable=False, uses=("threshold",))
 def _paper(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
     with torch.no_grad():
         hits = ((cam > threshold).float() * region).sum(dim=(1, 2, 3))  # (B,)
         return 1.0 - hits / _area(region)
 
 
-@LOSS_MODES.register("soft")
+@_mode("soft", differentiable=True, uses=("threshold", "tau"))
 def _soft(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
     soft_hits = (torch.sigmoid((cam - threshold) / tau) * region).sum(dim=(1, 2, 3))  # (B,)
     return 1.0 - soft_hits / _area(region)
 
 
-@LOSS_MODES.register("energy")
+@_mode("energy", differentiable=True, uses=())
 def _energy(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
     inside = (cam * region).sum(dim=(1, 2, 3))  # (B,)
     return 1.0 - inside / cam.sum(dim=(1, 2, 3)).clamp_min(_EPS)
 
 
-def create_loss_mode(name: str) -> PerImageLoss:
-    return LOSS_MODES.get(name)
+def create_loss_mode(name: str) -> LossMode:
+    """Loss mode ``name``; unknown names raise with the valid list."""
+    return LOSS_MODES.create(name)
 
 
 def attention_loss(
@@ -67,7 +106,9 @@ def attention_loss(
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    per_image = LOSS_MODES.get(mode)(cam.float(), region.float(), threshold=threshold, tau=tau)  # (B,)
+    per_image = create_loss_mode(mode).per_image(
+        cam.float(), region.float(), threshold=threshold, tau=tau
+    )  # (B,)
     counts = (labels != 0) & (region.sum(dim=(1, 2, 3)) > 0)  # (B,)
     return torch.where(counts, per_image, torch.zeros_like(per_image)).mean()
 
@@ -165,3 +206,9 @@ def fused_attention_term(*args, **kwargs) -> torch.Tensor:
             )
             return out
     return attention_term(*args, **kwargs)
+
+
+def select_attention_term(compiled: bool) -> Callable[..., torch.Tensor]:
+    """The attention term a training step calls: :func:`fused_attention_term` (``torch.compile``,
+    ``train.compile_attention`` on CUDA) or the eager :func:`attention_term`; same arguments, same value."""
+    return fused_attention_term if compiled else attention_term

@@ -34,15 +34,7 @@ from torch import nn
 
 from .backbones import features_to_nchw
 
-__all__ = [
-    "SCORES",
-    "cam_from_parts",
-    "cam_in_region",
-    "grad_cam",
-    "grad_cam_parts",
-    "pointing_hits",
-    "pointing_tolerance",
-]
+__all__ = ["SCORES", "cam_from_parts", "grad_cam", "grad_cam_parts", "has_head_shortcut"]
 
 _EPS = 1e-7
 SCORES = ("logit", "log_softmax")  # what Grad-CAM differentiates (``grad_cam(score=...)``)
@@ -155,6 +147,12 @@ def _autograd_weights(
     return logits, gmap.mean(dim=(2, 3))  # (B, K), (B, C)
 
 
+def has_head_shortcut(model: nn.Module) -> bool:
+    """Whether :func:`grad_cam` takes the channel weights by the kernel-sum shortcut for this
+    model's head (VGG's ``ConvMlp``; see the module docstring) instead of a double backward."""
+    return _conv_mlp_head(model) is not None
+
+
 def _conv_mlp_head(model: nn.Module) -> nn.Module | None:
     """timm's VGG ``ConvMlp`` head when the kernel-sum shortcut is exact for it, else None.
 
@@ -221,28 +219,3 @@ def _conv_mlp_weights(
     g_z1 = (g_d1 * (r1 > 0)).sum(dim=(2, 3))  # (B, M): ∂s/∂z1 summed over output positions
     hw = feats.shape[-2] * feats.shape[-1]
     return logits, (g_z1 @ kernel_sum.to(g_z1.dtype)) / hw  # (B, K), (B, C)
-
-
-def cam_in_region(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Share of CAM mass inside ``mask`` per image ``(B,)``; 0 where the CAM is empty."""
-    mass = cam.sum(dim=(1, 2, 3))  # (B,)
-    inside = (cam * mask).sum(dim=(1, 2, 3))
-    return inside / mass.clamp_min(_EPS)
-
-
-def pointing_hits(cam: torch.Tensor, mask: torch.Tensor, tolerance: int = 0) -> torch.Tensor:
-    """Pointing game per image ``(B,)`` bool: does the CAM's maximum fall inside ``mask``?
-
-    ``tolerance`` pixels around the mask count as inside, as in the original pointing game
-    (Zhang et al. 2016: 15 px at 224 px; :func:`pointing_tolerance` scales that to other sizes).
-    """
-    b = cam.shape[0]
-    if tolerance > 0:
-        mask = F.max_pool2d(mask.float(), kernel_size=2 * tolerance + 1, stride=1, padding=tolerance)
-    idx = cam.reshape(b, -1).argmax(dim=1)  # (B,)
-    return mask.reshape(b, -1).gather(1, idx[:, None]).squeeze(1) > 0
-
-
-def pointing_tolerance(size: int) -> int:
-    """The pointing game's 15 px tolerance at 224 px, scaled to ``size``."""
-    return round(15 * size / 224)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 def nan_loss_when_threshold_is_07() -> None:
     """Trials with ``attention.threshold == 0.7`` get a NaN attention loss: they must diverge."""
-    import trainer.loop as loop
+    import trainer.attention_loss as al
 
-    real = loop.attention_loss
+    real = al.attention_loss
 
     def poisoned(cam, region, labels, mode, threshold, *args, **kwargs):
         out = real(cam, region, labels, mode, threshold, *args, **kwargs)
         return out * float("nan") if abs(threshold - 0.7) < 1e-9 else out
 
-    loop.attention_loss = poisoned
+    al.attention_loss = poisoned
