@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import phantom
-from trainer.data.phantom import CLASS_NAMES, PhantomSet, generate, montage, synthesize
+from trainer.data.phantom import (
+    CLASS_NAMES,
+    PhantomSet,
+    anatomy,
+    generate,
+    lesions,
+    montage,
+    render,
+    synthesize,
+)
+from trainer.data.phantom.montage import main as phantom_cli
 
 FINDINGS = CLASS_NAMES[1:]
 
@@ -123,11 +132,11 @@ def test_lesion_is_visible(label: str) -> None:
     sign = 1.0 if label == "Effusion" else -1.0  # fluid is dense (bright), air is lucent (dark)
     for seed in range(8):
         rng = np.random.default_rng(seed)
-        anat = phantom._sample_anatomy(rng)
-        view = phantom._sample_view(rng)
-        lesion = phantom._sample_lesion(rng, label, anat)
-        img1, lung1, les1 = phantom._render(anat, view, lesion, False, 64)
-        img0, lung0, les0 = phantom._render(anat, view, None, False, 64)
+        anat = anatomy.sample_anatomy(rng)
+        view = anatomy.sample_view(rng)
+        lesion = lesions.sample_lesion(rng, label, anat)
+        img1, lung1, les1 = render.render(anat, view, lesion, False, 64)
+        img0, lung0, les0 = render.render(anat, view, None, False, 64)
         assert np.array_equal(lung0, lung1)
         assert not les0.any()
         m = les1 > 0
@@ -261,5 +270,5 @@ def test_montage_and_cli(tmp_path) -> None:
     out = montage(tmp_path / "m.png", size=64, seed=1, per_class=1)
     assert out.exists() and Image.open(out).size[0] > 100
     cli_out = tmp_path / "cli.png"
-    assert phantom._cli(["--montage", str(cli_out), "--size", "48", "--per-class", "1"]) == 0
+    assert phantom_cli(["--montage", str(cli_out), "--size", "48", "--per-class", "1"]) == 0
     assert cli_out.exists()

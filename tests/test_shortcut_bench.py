@@ -52,10 +52,10 @@ def test_marker_block_slices_cover_the_drawn_marker(size):
     import numpy as np
     import shortcut
 
-    from trainer.data.phantom import _example
+    from trainer.data.phantom import example
 
-    with_m, *_ = _example("Effusion", seed=5, size=size, marker=True)
-    without, *_ = _example("Effusion", seed=5, size=size, marker=False)
+    with_m, *_ = example("Effusion", seed=5, size=size, marker=True)
+    without, *_ = example("Effusion", seed=5, size=size, marker=False)
     diff = np.abs(with_m.astype(float) - without.astype(float))
     ys, xs = shortcut._marker_slices(size)
     inside = np.zeros_like(diff, dtype=bool)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._registry import UnknownNameError
 
-__all__ = ["NO_FINDING", "TASKS", "classes_for"]
+__all__ = ["CLASS_NAMES", "NO_FINDING", "TASKS", "classes_for"]
 
 NO_FINDING = "No Finding"
 
@@ -15,6 +15,7 @@ TASKS: dict[str, tuple[str, ...]] = {
     "nep": (NO_FINDING, "Effusion", "Pneumothorax"),
     "neps": (NO_FINDING, "Effusion", "Pneumothorax", "Subcutaneous Emphysema"),
 }
+CLASS_NAMES: tuple[str, ...] = TASKS["neps"]  # every class a task may have, No Finding first
 
 
 def classes_for(task: str) -> tuple[str, ...]:

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .cache import SPLITS, DataAccess, write_cache
+from .cache import DataAccess, write_cache
 from .images import ImageReadError, read_gray, read_mask, resize_gray, resize_mask
 from .sources import SourceError, manifest_rows
-from .splits import Record, balance_and_limit, check_splits, make_splits, patient_overlap
+from .splits import SPLITS, Record, balance_and_limit, check_splits, make_splits, patient_overlap
 
 __all__ = ["PrepareResult", "build_cache", "plan_splits", "quality_report", "write_dry_run"]
 
