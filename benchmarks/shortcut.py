@@ -70,7 +70,7 @@ def _base(space: Path, storage: Path, args) -> dict[str, Any]:
 def _sweep(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """Run one sweep from a spec dict (written next to the results, as a user would); its runs."""
     from sweeps.driver import run_sweep
-    from sweeps.select import find_runs
+    from sweeps.tracking.lookup import find_runs
 
     path = work / "spaces" / f"{spec['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def _seeds_spec(base, name, cache, task, method, chosen: dict[str, Any], seeds) 
 
 
 def _lam(run) -> str:
-    from sweeps.report import lambda_label
+    from sweeps.results.report import lambda_label
 
     return lambda_label(run.params.get("attention.lambda", ""))
 
@@ -149,10 +149,10 @@ def _val(run) -> float:
 
 # ---- the marker intervention and CAMs -------------------------------------------------------------
 def _model(run):
-    from sweeps.export import _model_file, load_trained
+    from sweeps.results.export import load_trained, model_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, payload = load_trained(_model_file(run, Path(tmp)))
+        model, payload = load_trained(model_file(run, Path(tmp)))
     return model, payload
 
 
@@ -281,7 +281,7 @@ def _paper_choice(runs) -> str:
     for run in runs:
         if _lam(run) != "1":
             groups.setdefault(_lam(run), []).append(_val(run))
-    from sweeps.report import lambda_label
+    from sweeps.results.report import lambda_label
 
     order = [lambda_label(str(v)) for v in PAPER_LAMBDAS]
     return max(groups, key=lambda k: (statistics.fmean(groups[k]), -order.index(k)))
@@ -337,7 +337,7 @@ def run_task(task: str, base, work: Path, args) -> dict[str, Any]:
         "ce": _method([r for r in runs if _lam(r) == "1"], cache, {"lambda": 1.0}),
         "paper": _method([r for r in runs if _lam(r) == lam], cache, _chosen(chosen_run)),
     }
-    from sweeps.select import rank_runs
+    from sweeps.results.select import rank_runs
 
     search = {"paper": _tried(grid["runs"])}
     for method in SEARCHED:
@@ -384,7 +384,7 @@ def run_control(task: str, base, work: Path, args, shortcut_res: dict[str, Any])
 
 def _report(runs: list, out: Path, title: str) -> str:
     """The grid in the paper's table format, by ``cxr-sweep report``'s own code."""
-    from sweeps.report import build_report
+    from sweeps.results.report import build_report
 
     report = build_report(runs, "val_f1_macro", out, title)
     return report.files["report.md"].read_text()

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, num_gpus=args.fake_gpus, include_dashboard=False, log_to_driver=False)
     from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import default_tracking_uri
+    from sweeps.tracking.store import default_tracking_uri
 
     storage.mkdir(parents=True)
     MlflowClient(default_tracking_uri(storage)).search_experiments()  # create the store outside the timings

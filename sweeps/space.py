@@ -1,123 +1,53 @@
 """Search-space YAML → a validated :class:`SweepSpec` → Ray Tune param space / Optuna space.
 
 A sweep file holds trial-config defaults (``trial:``), the searched parameters (``params:``,
-dotted trial-config keys), the search algorithm, the scheduler, resources and tracking. It is
-validated strictly (unknown keys are errors) and every searched value is checked against the
-trial config *before* any trial starts. Optuna and Ray types stay in this module: trials receive
-plain ``{dotted.key: value}`` overrides.
+dotted trial-config keys, typed by :mod:`sweeps.params`), the search algorithm, the scheduler,
+resources and tracking. It is validated strictly (unknown keys are errors) and every searched
+value is checked against the trial config *before* any trial starts. Optuna and Ray types stay in
+this layer: a trial receives plain ``{dotted.key: value}`` overrides (:func:`trial_overrides`).
+
+The resolved spec is saved beside Ray's experiment state (:data:`SPEC_FILE`), so ``resume``,
+``status`` and the results commands find a sweep by name and storage folder.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.config import ConfigError, TrialConfig, resolve_priors_file
-from trainer.dotted import apply_overrides, format_validation_error, load_yaml_mapping, set_dotted
+from trainer.config import TrialConfig, resolve_priors_file
+from trainer.dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping, set_dotted
+from trainer.errors import ConfigError
+
+from .params import Param
 
 __all__ = [
+    "FINAL_KEY",
+    "SPEC_FILE",
     "SweepSpec",
+    "load_saved_spec",
     "load_sweep",
     "optuna_space",
-    "overrides_from_params",
     "ray_param_space",
+    "save_spec",
+    "searched_values",
+    "sweep_dir",
     "trial_config_for",
+    "trial_overrides",
 ]
 
-LAMBDA_KIND = "kind"  # sub-key of a `type: lambda` parameter: fixed | adaptive
+SPEC_FILE = "cxr_sweep.json"  # the resolved sweep, saved beside Ray's experiment state
+FINAL_KEY = "trial_done"  # set on a trial's last report, which carries its best_val_* and test_* summaries
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _Range(_Strict):
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if not self.low <= self.high or math.isnan(self.low) or math.isnan(self.high):
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        return self
-
-
-class Uniform(_Range):
-    """A float drawn uniformly from [low, high]."""
-
-    type: Literal["uniform"]
-
-
-class LogUniform(_Range):
-    """A float drawn log-uniformly from [low, high] (low > 0)."""
-
-    type: Literal["loguniform"]
-
-    @field_validator("low")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("loguniform needs low > 0")
-        return v
-
-
-class IntRange(_Strict):
-    """An integer from [low, high], both included."""
-
-    type: Literal["int"]
-    low: int
-    high: int
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        return self
-
-
-class Choice(_Strict):
-    """One of ``values``, chosen by the searcher."""
-
-    type: Literal["choice"]
-    values: list[Any] = Field(min_length=1)
-
-
-class Grid(_Strict):
-    """Every one of ``values`` (a grid axis): only with ``search.algorithm: grid``."""
-
-    type: Literal["grid"]
-    values: list[Any] = Field(min_length=1)
-
-
-class _AdaptiveRanges(_Strict):
-    slope: _Range | float = 0.023
-    floor: _Range | float = 0.2
-
-
-class LambdaParam(_Strict):
-    """λ searched as fixed in a range *or* the adaptive schedule with its slope and floor."""
-
-    type: Literal["lambda"]
-    fixed: _Range | None = _Range(low=0.0, high=1.0)
-    adaptive: _AdaptiveRanges | None = _AdaptiveRanges()
-
-    @model_validator(mode="after")
-    def _one_branch(self):
-        if self.fixed is None and self.adaptive is None:
-            raise ValueError("give `fixed`, `adaptive` or both")
-        return self
-
-    @property
-    def kinds(self) -> list[str]:
-        return [k for k in ("fixed", "adaptive") if getattr(self, k) is not None]
-
-
-Param = Annotated[Uniform | LogUniform | IntRange | Choice | Grid | LambdaParam, Field(discriminator="type")]
 
 
 class SearchConfig(_Strict):
@@ -181,7 +111,7 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _grid_only_with_grid_search(self):
-        grid = sorted(k for k, p in self.params.items() if isinstance(p, Grid))
+        grid = sorted(k for k, p in self.params.items() if p.enumerates)
         if grid and self.search.algorithm != "grid":
             raise ValueError(
                 f"params {grid} use `type: grid`, which enumerates every value, but search.algorithm is "
@@ -197,12 +127,22 @@ class SweepSpec(_Strict):
         return self.mlflow.experiment or self.name
 
     @property
+    def remote_storage(self) -> bool:
+        """``storage_path`` is a URI (``s3://...``), not a local or mounted folder."""
+        return "://" in self.storage_path
+
+    @property
     def grid_size(self) -> int:
-        return math.prod(len(p.values) for p in self.params.values() if isinstance(p, Grid))
+        return math.prod(p.size for p in self.params.values())
 
     @property
     def total_trials(self) -> int:
         return self.num_samples * (self.grid_size if self.search.algorithm == "grid" else 1)
+
+
+def sweep_dir(spec: SweepSpec) -> str:
+    """The sweep's folder in its storage: Ray's experiment state, trials and :data:`SPEC_FILE`."""
+    return f"{spec.storage_path.rstrip('/')}/{spec.name}"
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -234,7 +174,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     base_cfg = _validate_trial(trial, {}, str(path), "trial").resolve_paths(base=base)
     spec = spec.model_copy(update={"trial": base_cfg.to_dict()})
     for key, p in spec.params.items():
-        for probe in _probes(key, p):
+        for probe in p.probes(key):
             _validate_trial(spec.trial, probe, str(path), f"params.{key}")
     return spec, base_cfg
 
@@ -255,24 +195,6 @@ def _apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
     apply_overrides(raw, plain)
 
 
-def _probes(key: str, p: Param) -> list[dict[str, Any]]:
-    """Override sets that exercise a parameter's extremes (each validated as a trial config)."""
-    if isinstance(p, Uniform | LogUniform | IntRange):
-        return [{key: p.low}, {key: p.high}]
-    if isinstance(p, Choice | Grid):
-        return [{key: v} for v in p.values]
-    out = []
-    kind = f"{key}.{LAMBDA_KIND}"
-    if p.fixed is not None:
-        out += [overrides_from_params({kind: "fixed", key: v}) for v in (p.fixed.low, p.fixed.high)]
-    if p.adaptive is not None:
-        ranges = {"slope": p.adaptive.slope, "floor": p.adaptive.floor}
-        for end in ("low", "high"):
-            vals = {f"{key}.{n}": getattr(r, end) if isinstance(r, _Range) else r for n, r in ranges.items()}
-            out.append(overrides_from_params({kind: "adaptive", **vals}))
-    return out
-
-
 def _validate_trial(trial: dict[str, Any], overrides: dict[str, Any], source: str, where: str) -> TrialConfig:
     raw = copy.deepcopy(trial)
     try:
@@ -286,115 +208,83 @@ def _validate_trial(trial: dict[str, Any], overrides: dict[str, Any], source: st
 
 
 def _describe(overrides: dict[str, Any]) -> str:
-    return f" (with {', '.join(f'{k}={v!r}' for k, v in overrides.items())})" if overrides else ""
+    shown = flatten(overrides)
+    return f" (with {', '.join(f'{k}={v!r}' for k, v in shown.items())})" if shown else ""
 
 
-def overrides_from_params(flat: dict[str, Any]) -> dict[str, Any]:
-    """Searcher output → trial-config overrides (expands the λ fixed/adaptive branch)."""
+# ---- a trial of the sweep -----------------------------------------------------------------------
+def trial_overrides(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """A Ray trial's sampled ``config`` → trial-config overrides, by each parameter's own rule.
+
+    The one conversion the trainable, the MLflow callback and ``status`` use. Keys a config does
+    not hold (a trial that never started) are left out.
+    """
     out: dict[str, Any] = {}
-    for key, value in flat.items():
-        if key.endswith(f".{LAMBDA_KIND}"):
-            continue
-        out[key] = value
-    for key in [k for k in flat if k.endswith(f".{LAMBDA_KIND}")]:
-        lam_key = key.removesuffix(f".{LAMBDA_KIND}")  # e.g. attention.lambda
-        section = lam_key.rpartition(".")[0]  # attention
-        if flat[key] == "adaptive":
-            out[lam_key] = "adaptive"
-            for n in ("slope", "floor"):
-                if f"{lam_key}.{n}" in flat:
-                    out[f"{section}.{n}"] = out.pop(f"{lam_key}.{n}")
+    for key, p in spec.params.items():
+        if key in config:
+            out.update(p.overrides(key, config[key]))
     return out
 
 
-def trial_config_for(spec: SweepSpec, flat_params: dict[str, Any], name: str, output_dir: str) -> TrialConfig:
-    """The full trial config of one suggestion."""
+def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`trial_overrides` as flat dotted keys: what tables and MLflow show as searched."""
+    return flatten(trial_overrides(spec, config))
+
+
+def trial_config_for(spec: SweepSpec, config: dict[str, Any], name: str, output_dir: str) -> TrialConfig:
+    """The full trial config of one sampled ``config``."""
     raw = copy.deepcopy(spec.trial)
     raw["name"], raw["output_dir"] = name, output_dir
-    for key, value in overrides_from_params(flat_params).items():
+    for key, value in trial_overrides(spec, config).items():
         set_dotted(raw, key, value)
     return TrialConfig.from_dict(raw, source=f"sweep {spec.name}")
 
 
-# ---- Ray / Optuna spaces ----------------------------------------------------------------------------
+# ---- Ray / Optuna spaces ------------------------------------------------------------------------
 def ray_param_space(spec: SweepSpec) -> dict[str, Any]:
     """Param space for Ray's random/grid search (``BasicVariantGenerator``); keys are dotted."""
-    from ray import tune
-
-    space: dict[str, Any] = {}
-    for key, p in spec.params.items():
-        if isinstance(p, Uniform):
-            space[key] = tune.uniform(p.low, p.high)
-        elif isinstance(p, LogUniform):
-            space[key] = tune.loguniform(p.low, p.high)
-        elif isinstance(p, IntRange):
-            space[key] = tune.randint(p.low, p.high + 1)
-        elif isinstance(p, Choice):
-            space[key] = tune.choice(p.values)
-        elif isinstance(p, Grid):
-            space[key] = tune.grid_search(p.values)
-        else:
-            space[key] = tune.sample_from(lambda _, p=p: _sample_lambda(p))
-    return space
-
-
-def _sample_lambda(p: LambdaParam) -> dict[str, Any]:
-    import random
-
-    kind = random.choice(p.kinds)
-    if kind == "fixed":
-        return {LAMBDA_KIND: "fixed", "value": random.uniform(p.fixed.low, p.fixed.high)}
-    a = p.adaptive
-    draw = lambda r: random.uniform(r.low, r.high) if isinstance(r, _Range) else r  # noqa: E731
-    return {LAMBDA_KIND: "adaptive", "slope": draw(a.slope), "floor": draw(a.floor)}
-
-
-def flatten_ray_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray's sampled config (λ as a nested dict) → the flat form :func:`overrides_from_params` takes."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and LAMBDA_KIND in value:
-            flat[f"{key}.{LAMBDA_KIND}"] = value[LAMBDA_KIND]
-            if value[LAMBDA_KIND] == "fixed":
-                flat[key] = value["value"]
-            else:
-                flat[f"{key}.slope"], flat[f"{key}.floor"] = value["slope"], value["floor"]
-        else:
-            flat[key] = value
-    return flat
+    return {key: p.to_ray() for key, p in spec.params.items()}
 
 
 def optuna_space(spec: SweepSpec) -> OptunaSpace:
-    """A define-by-run space for Ray's ``OptunaSearch``: conditional λ branches included."""
+    """A define-by-run space for Ray's ``OptunaSearch``: conditional parameters included."""
     return OptunaSpace(dict(spec.params))
 
 
 class OptunaSpace:
     """Picklable define-by-run function (Ray checkpoints the searcher with the space in it)."""
 
-    def __init__(self, params: dict[str, Param]) -> None:
+    def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
 
     def __call__(self, trial) -> dict[str, Any]:
         constants: dict[str, Any] = {}
         for key, p in self.params.items():
-            if isinstance(p, Uniform):
-                trial.suggest_float(key, p.low, p.high)
-            elif isinstance(p, LogUniform):
-                trial.suggest_float(key, p.low, p.high, log=True)
-            elif isinstance(p, IntRange):
-                trial.suggest_int(key, p.low, p.high)
-            elif isinstance(p, Choice):
-                trial.suggest_categorical(key, p.values)
-            elif isinstance(p, LambdaParam):
-                kind = trial.suggest_categorical(f"{key}.{LAMBDA_KIND}", p.kinds)
-                if kind == "fixed":
-                    trial.suggest_float(key, p.fixed.low, p.fixed.high)
-                    continue
-                for n in ("slope", "floor"):
-                    r = getattr(p.adaptive, n)
-                    if isinstance(r, _Range):
-                        trial.suggest_float(f"{key}.{n}", r.low, r.high)
-                    else:
-                        constants[f"{key}.{n}"] = r
+            constants.update(p.suggest(trial, key))
         return constants
+
+
+# ---- the saved spec -------------------------------------------------------------------------------
+def save_spec(spec: SweepSpec, space_file: str | None) -> None:
+    """Write the resolved spec into the sweep's folder (local storage only)."""
+    if spec.remote_storage:
+        return
+    folder = Path(sweep_dir(spec))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPEC_FILE).write_text(
+        json.dumps({"spec": spec.model_dump(), "space_file": space_file}, indent=2)
+    )
+
+
+def load_saved_spec(name_or_path: str, storage: str | Path | None = None) -> tuple[SweepSpec, str | None]:
+    """The spec a sweep ran with (and its space file), by name in ``storage`` or by folder."""
+    candidates = [Path(name_or_path)]
+    if storage is not None:
+        candidates.insert(0, Path(storage) / name_or_path)
+    for d in candidates:
+        f = d / SPEC_FILE
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            return SweepSpec.model_validate(saved["spec"]), saved.get("space_file")
+    where = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"no sweep {name_or_path!r} found (looked for {SPEC_FILE} in {where}); pass --storage")

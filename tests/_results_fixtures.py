@@ -55,7 +55,7 @@ def build_crafted(tmp_path: Path, *, name: str = "crafted", localization: bool =
     """
     from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import experiment_id, log_metrics, log_params
+    from sweeps.tracking.runs import experiment_id, log_metrics, log_params
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -182,7 +182,7 @@ def real_sweep(phantom_dir, ne_cache, tmp_path_factory) -> RealSweep:
 def real_export(real_sweep, tmp_path_factory) -> Path:
     """The sweep's best model as TorchScript + ONNX (not registered: test_export covers the registry)."""
     if "export" not in _BUILT:
-        from sweeps.export import export_model
+        from sweeps.results.export import export_model
 
         out = tmp_path_factory.mktemp("results-export") / "export"
         export_model(

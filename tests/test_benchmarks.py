@@ -85,8 +85,8 @@ def test_step_time_reference_variant_for_vgg_heads():
     import torch
     from timm.models.vgg import VGG
 
-    import trainer.loop
-    from trainer.cam import grad_cam
+    import trainer.cam
+    from trainer.cam import grad_cam_parts
 
     case = step_time.StepCase("test_resnet", 64, 2)
     assert case.kinds == ["ce", "soft", "paper"]
@@ -94,4 +94,4 @@ def test_step_time_reference_variant_for_vgg_heads():
     case.opt = torch.optim.Adam(case.model.parameters())
     for kind in ("soft", "soft_ref"):
         assert case.step(kind) > 0
-    assert trainer.loop.grad_cam is grad_cam  # the product's path is restored after the step
+    assert trainer.cam.grad_cam_parts is grad_cam_parts  # the product's path is restored after the step

@@ -8,9 +8,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from sweeps import export as export_mod
 from sweeps.cli import app
-from sweeps.export import ExportError, export_model, load_torchscript, load_trained, parse_formats
+from sweeps.results import formats
+from sweeps.results.export import ExportError, export_model, load_trained, parse_formats
+from sweeps.results.formats import load_torchscript
 from trainer.data.cache import CacheDataset, collate_batch, open_cache
 from trainer.data.transforms import BatchTransform
 
@@ -99,8 +100,8 @@ def test_export_by_run_id_without_registry(real_sweep, tmp_path):
 
 
 def test_a_mismatching_export_fails_and_leaves_nothing(real_sweep, tmp_path, monkeypatch):
-    real_run = export_mod._run_onnx
-    monkeypatch.setattr(export_mod, "_run_onnx", lambda path, x: real_run(path, x) + 1e-3)
+    real_run = formats.run_onnx
+    monkeypatch.setattr(formats, "run_onnx", lambda path, x: real_run(path, x) + 1e-3)
     out = tmp_path / "bad"
     with pytest.raises(ExportError, match=r"onnx: exported logits differ from PyTorch by 0.001 > 0.0001"):
         export_model(

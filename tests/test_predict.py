@@ -12,8 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sweeps.cli import app
-from sweeps.export import load_torchscript, load_trained
-from sweeps.predict import ScriptedBackbone, preprocess
+from sweeps.results.export import load_trained
+from sweeps.results.formats import load_torchscript
+from sweeps.results.predict import ScriptedBackbone, preprocess
 from trainer.cam import grad_cam
 
 from . import _results_fixtures as fx

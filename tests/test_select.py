@@ -8,8 +8,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sweeps.cli import app
-from sweeps.cli_results import _best_table
-from sweeps.select import SelectionError, find_runs, metric_key, rank_runs
+from sweeps.cli.results import best_table
+from sweeps.results.select import metric_key, rank_runs
+from sweeps.tracking.lookup import SelectionError, find_runs
 
 from . import _results_fixtures as fx
 from ._results_fixtures import copy_crafted
@@ -87,7 +88,7 @@ def test_table_shows_test_metrics_with_localization_next_to_f1(crafted):
     for r in found.runs:  # as if no run had lesion masks
         r.metrics = {k: v for k, v in r.metrics.items() if not k.endswith(("pointing_game", "cam_in_region"))}
     console = Console(width=250, record=True)
-    console.print(_best_table(rank_runs(found.runs, "f1_macro"), "best_val_f1_macro", found))
+    console.print(best_table(rank_runs(found.runs, "f1_macro"), "best_val_f1_macro", found))
     text = console.export_text()
     assert "pointing" not in text and "CAM in" not in text and "YI" in text
 

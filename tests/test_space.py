@@ -6,14 +6,9 @@ import optuna
 import pytest
 import yaml
 
-from sweeps.driver import check_ray_address, check_tracking
-from sweeps.space import (
-    flatten_ray_config,
-    load_sweep,
-    optuna_space,
-    overrides_from_params,
-    trial_config_for,
-)
+from sweeps.driver.preflight import check_ray_address
+from sweeps.space import load_sweep, optuna_space, ray_param_space, trial_config_for, trial_overrides
+from sweeps.tracking.store import check_tracking
 from trainer.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,55 +108,62 @@ def test_overrides_apply_before_validation(tmp_path):
         load_sweep(ROOT / "search_spaces/paper_grid.yaml", ["params.model.backbone.values=[resnet5000]"])
 
 
+def _optuna_suggestions(spec, n: int, seed: int):
+    """Configs as Ray's OptunaSearch hands them to the trainable (random sampling, so both λ kinds)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch(
+        space=optuna_space(spec),
+        metric="val_f1_macro",
+        mode="max",
+        sampler=optuna.samplers.RandomSampler(seed),
+    )
+    for i in range(n):
+        yield search.suggest(str(i))
+        search.on_trial_complete(str(i), {"val_f1_macro": 0.5})
+
+
 def test_optuna_define_by_run_space_is_conditional():
     spec, _ = load_sweep(ROOT / "search_spaces/optuna_lambda.yaml")
-    define = optuna_space(spec)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     kinds = set()
-    for _ in range(30):
-        trial = study.ask()
-        constants = define(trial)
-        flat = {**trial.params, **constants}
-        kind = flat["attention.lambda.kind"]
-        kinds.add(kind)
-        if kind == "fixed":
-            assert "attention.lambda" in flat and "attention.lambda.slope" not in flat
+    for config in _optuna_suggestions(spec, 30, seed=0):
+        lam = config["attention.lambda"]  # one mapping per λ draw: the branch, then its parameters only
+        kinds.add(lam["kind"])
+        if lam["kind"] == "fixed":
+            assert set(lam) == {"kind", "value"}  # no slope is modelled for a fixed-λ trial
         else:
-            assert (
-                "attention.lambda" not in flat
-                and {"attention.lambda.slope", "attention.lambda.floor"} <= flat.keys()
-            )
-        cfg = trial_config_for(spec, flat, "t", "/tmp/t")  # every suggestion is a valid trial config
-        assert (cfg.attention.lambda_ == "adaptive") == (kind == "adaptive")
-        study.tell(trial, 0.5)
+            assert set(lam) == {"kind", "adaptive"} and set(lam["adaptive"]) == {"slope", "floor"}
+        cfg = trial_config_for(spec, config, "t", "/tmp/t")  # every suggestion is a valid trial config
+        assert (cfg.attention.lambda_ == "adaptive") == (lam["kind"] == "adaptive")
     assert kinds == {"fixed", "adaptive"}
 
 
 def test_constant_adaptive_branch_reaches_the_trial():
     spec, _ = load_sweep(ROOT / "search_spaces/demo.yaml")  # floor is a constant 0.2 there
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    for _ in range(20):
-        trial = study.ask()
-        constants = optuna_space(spec)(trial)
-        flat = {**trial.params, **constants}
-        if flat["attention.lambda.kind"] == "adaptive":
-            cfg = trial_config_for(spec, flat, "t", "/tmp/t")
-            assert cfg.attention.floor == 0.2 and 0.05 <= cfg.attention.slope <= 0.2
+    for config in _optuna_suggestions(spec, 20, seed=3):
+        if config["attention.lambda"]["kind"] == "adaptive":
+            cfg = trial_config_for(spec, config, "t", "/tmp/t")
+            assert cfg.attention.schedule["floor"] == 0.2 and 0.05 <= cfg.attention.schedule["slope"] <= 0.2
             return
-        study.tell(trial, 0.0)
     pytest.fail("no adaptive suggestion in 20 draws")
 
 
-def test_ray_sampled_lambda_is_flattened():
-    flat = flatten_ray_config(
-        {"attention.lambda": {"kind": "adaptive", "slope": 0.1, "floor": 0.3}, "train.lr": 1e-3}
-    )
-    assert overrides_from_params(flat) == {
-        "train.lr": 1e-3,
+def test_lambda_draws_of_every_searcher_become_the_same_overrides():
+    spec, _ = load_sweep(ROOT / "search_spaces/demo.yaml")
+    adaptive = {"kind": "adaptive", "adaptive": {"slope": 0.1, "floor": 0.3}}
+    assert trial_overrides(spec, {"attention.lambda": adaptive, "train.lr": 1e-3}) == {
         "attention.lambda": "adaptive",
-        "attention.slope": 0.1,
-        "attention.floor": 0.3,
+        "attention.schedule": {"slope": 0.1, "floor": 0.3},
+        "train.lr": 1e-3,
     }
+    fixed = trial_overrides(spec, {"attention.lambda": {"kind": "fixed", "value": 0.4}})
+    assert fixed == {"attention.lambda": 0.4, "attention.schedule": {}}
+    draw = ray_param_space(spec)["attention.lambda"].func(None)  # random search: the same form
+    assert draw["kind"] in ("fixed", "adaptive")
+    assert trial_config_for(spec, {"attention.lambda": draw}, "t", "/tmp/t").attention.lambda_ in (
+        draw.get("value"),
+        "adaptive",
+    )
 
 
 def test_unreachable_tracking_server_and_ray_address_fail_fast():

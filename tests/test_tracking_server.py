@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from sweeps.driver import check_tracking, run_sweep
+from sweeps.driver import run_sweep
+from sweeps.tracking.store import check_tracking
 from trainer.config import ConfigError
 
 from .conftest import sweep_overrides

@@ -193,14 +193,13 @@ class AttentionConfig(_Strict):
     @field_validator("lambda_")
     @classmethod
     def _lambda(cls, v: float | str) -> float | str:
-        if isinstance(v, str):
-            if v not in schedule_names():
-                raise ValueError(
-                    f"lambda must be a number in [0, 1] or a λ schedule "
-                    f"({', '.join(schedule_names())}), got {v!r}"
-                )
+        if isinstance(v, str) and v in schedule_names():
             return v
-        create_schedule(FIXED, value=v)  # the range check
+        try:
+            create_schedule(FIXED, value=float(v))  # the range check
+        except ValueError:
+            schedules = ", ".join(schedule_names())
+            raise ValueError(f"lambda must be in [0, 1] or a λ schedule ({schedules}), got {v!r}") from None
         return float(v)
 
     @field_validator("schedule")

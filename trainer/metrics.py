@@ -8,18 +8,13 @@ logs are :func:`evaluation_metric_names`; how tables and reports label them is
 :data:`METRIC_LABELS`. Selection, reports and the command line read these lists: a new metric
 goes here and nowhere else.
 
-Conventions (see ``docs/metrics.md`` for the full list):
-
-* Binary (C == 2): class 1 (the pathology) is positive, class 0 (No Finding) negative.
-* Multi-class (C > 2): sensitivity, specificity, PPV, NPV, FDR and FOR are macro means of the
-  per-class one-vs-rest (OvR) values; Youden index = macro sensitivity + macro specificity - 1;
-  discriminant power = mean of the per-class OvR discriminant powers.
-* A ratio with a zero denominator is 0.0 (sklearn's ``zero_division=0``).
-* Discriminant power applies the Haldane-Anscombe correction (+0.5 to every cell of the 2x2
-  table) whenever a cell is zero, so it is always finite.
-* AUC with a single class in ``y_true`` is 0.5; in multi-class, absent classes are skipped.
-
-No result is ever inf or NaN; invalid input raises ``ValueError``.
+Conventions (docs/metrics.md has them all): binary (C == 2): class 1 (the pathology) is positive,
+class 0 (No Finding) negative. Multi-class: sensitivity, specificity, PPV, NPV, FDR and FOR are
+macro means of the one-vs-rest (OvR) values; Youden index = macro sensitivity + macro
+specificity - 1; discriminant power = mean of the per-class OvR values, with the Haldane-Anscombe
+correction (+0.5 to every cell of a 2x2 table with a zero cell). A ratio with a zero denominator
+is 0.0; AUC with one class in ``y_true`` is 0.5 (multi-class: absent classes are skipped). No
+result is ever inf or NaN; invalid input raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -48,8 +43,7 @@ __all__ = [
     "youden_index",
 ]
 
-#: The 16 contract metric names, in reporting order. ``compute_metrics`` additionally returns
-#: ``youden_threshold`` and ``youden_index_optimal``.
+#: The 16 contract metric names (DESIGN.md §5), in reporting order.
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
     "precision_macro",
@@ -435,18 +429,15 @@ class LocalizationScores:
 
         zero = torch.zeros((), dtype=torch.float64, device=cam.device)
         pos = (labels != 0) & (region.sum(dim=(1, 2, 3)) > 0)  # (B,)
-        parts = [torch.where(pos, cam_in_region(cam, region).double(), zero).sum(), pos.sum().double()]
+        share = torch.where(pos, cam_in_region(cam, region).double(), zero).sum()
+        self._sums[:2] += torch.stack([share, pos.sum().double()])
         if lesion is not None:
             known = lesion_known & (labels != 0) & (lesion.sum(dim=(1, 2, 3)) > 0)  # (B,)
-            tol = pointing_tolerance(cam.shape[-1])
-            parts += [
-                torch.where(known, pointing_hits(cam, lesion, tol).double(), zero).sum(),
-                torch.where(known, cam_in_region(cam, lesion).double(), zero).sum(),
-                known.sum().double(),
-            ]
-        else:
-            parts += [zero, zero, zero]
-        self._sums += torch.stack(parts)
+            hits = pointing_hits(cam, lesion, pointing_tolerance(cam.shape[-1]))
+            share = torch.where(known, cam_in_region(cam, lesion).double(), zero).sum()
+            self._sums[2:] += torch.stack(
+                [torch.where(known, hits.double(), zero).sum(), share, known.sum().double()]
+            )
 
     def compute(self) -> dict[str, float]:
         prior_share, prior_n, hits, lesion_share, lesion_n = self._sums.tolist()

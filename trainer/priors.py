@@ -32,6 +32,7 @@ __all__ = [
     "create_prior",
     "load_priors",
     "prior_from_boxes",
+    "prior_from_image",
     "prior_table",
     "region_masks",
     "save_prior",
@@ -119,6 +120,31 @@ def prior_from_boxes(
     if both_sides:
         x0, x1 = min(x0, 1.0 - x1), max(x1, 1.0 - x0)
     return RegionPrior(x=(round(x0, 4), round(x1, 4)), y=(round(y0, 4), round(y1, 4)), columns="inside")
+
+
+def prior_from_image(
+    image: Any,
+    lesion_box: Sequence[float],
+    lung_mask: Any,
+    columns: Literal["auto", "inside", "outside"] = "auto",
+    both_sides: bool = True,
+) -> tuple[RegionPrior, list[int]]:
+    """The prior of one annotated X-ray (``(H, W)`` arrays: the image and its lung mask): the lesion
+    box (x, y, w, h in its pixels) relative to the union box of the lung mask, as in
+    :func:`prior_from_boxes`. Returns the prior and that lung box; bad input raises ``ValueError``."""
+    from .data.boxes import boxes_from_masks
+
+    h, w = image.shape
+    if lung_mask.shape != image.shape:
+        raise ValueError(f"lung mask size {lung_mask.shape[::-1]} differs from the image's {(w, h)}")
+    box, empty = boxes_from_masks(torch.as_tensor(lung_mask)[None])
+    if bool(empty[0]):
+        raise ValueError("no lung found, so the lesion cannot be expressed relative to a lung box")
+    x, y, bw, bh = lesion_box
+    if bw <= 0 or bh <= 0 or x < 0 or y < 0 or x + bw > w or y + bh > h:
+        raise ValueError(f"lesion box {tuple(lesion_box)} is not inside the {w}x{h} image")
+    lung = box[0].tolist()
+    return prior_from_boxes(lung, lesion_box, columns=columns, both_sides=both_sides), lung
 
 
 def load_priors(path: str | Path) -> dict[str, RegionPrior]:

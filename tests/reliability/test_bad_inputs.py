@@ -172,7 +172,7 @@ CASES: dict[str, tuple[Callable, str, str | None]] = {
         "trained at input size 64 px, but 512 px",
         "cache",
     ),
-    "λ outside [0, 1]": (_lambda_range, "lambda must be in [0, 1] or 'adaptive', got 1.5", "run"),
+    "λ outside [0, 1]": (_lambda_range, "lambda must be in [0, 1] or a λ schedule (adaptive", "run"),
     "unknown backbone": (_unknown_backbone, "resnet5000", "run"),
     "malformed YAML": (_malformed_yaml, "bad.yaml", "run"),
     "wrong type": (_wrong_type, "train.epochs", "run"),

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from sweeps.cli import app
-from sweeps.tracking import TrialRun
+from sweeps.tracking.runs import TrialRun
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()

@@ -145,7 +145,7 @@ def test_tracking_server_lost_mid_sweep_every_metric_arrives_when_it_is_back(ne_
 
 def test_a_store_that_never_comes_back_is_reported_per_trial(monkeypatch):
     """The end-of-sweep report names the trials whose updates could not be logged."""
-    import sweeps.mlflow_callback as cb
+    import sweeps.tracking.callback as cb
 
     monkeypatch.setattr(cb, "FLUSH_GRACE_S", 0.0)
     callback = cb.MlflowSweepCallback.__new__(cb.MlflowSweepCallback)
@@ -166,7 +166,7 @@ def test_a_request_stored_before_its_response_was_lost_is_not_logged_twice(tmp_p
     import requests
     from mlflow.tracking import MlflowClient
 
-    import sweeps.mlflow_callback as cb
+    import sweeps.tracking.callback as cb
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("lost-response")

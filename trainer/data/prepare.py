@@ -30,7 +30,7 @@ from .images import ImageReadError, read_gray, read_mask, resize_gray, resize_ma
 from .sources import SourceError, manifest_rows
 from .splits import SPLITS, Record, balance_and_limit, check_splits, make_splits, patient_overlap
 
-__all__ = ["PrepareResult", "build_cache", "plan_splits", "quality_report", "write_dry_run"]
+__all__ = ["PrepareResult", "build_cache", "plan_splits", "prepare_cache", "quality_report", "write_dry_run"]
 
 CHUNK = 256
 _DRY_RUN_FILES = {"manifest.csv", "data_quality.json"}
@@ -40,9 +40,10 @@ _DRY_RUN_FILES = {"manifest.csv", "data_quality.json"}
 class PrepareResult:
     path: Path
     quality: dict[str, Any]
-    seconds: float
-    images_per_s: float
-    resumed_chunks: int
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    resumed_chunks: int = 0
+    dry_run: bool = False  # only the split manifest and the counts were written
 
 
 def plan_splits(
@@ -344,3 +345,71 @@ def build_cache(
     shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - t0
     return PrepareResult(path, quality, seconds, n / seconds if seconds else 0.0, resumed)
+
+
+def prepare_cache(
+    records: Sequence[Record],
+    skipped: Counter,
+    *,
+    task: str,
+    out: str | Path,
+    root: str | Path,
+    source: str,
+    data_access: DataAccess,
+    segmenter: str | Path | None = None,
+    size: int = 224,
+    seed: int = 0,
+    balance: bool = True,
+    max_per_class: int | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    workers: int = 4,
+    official: dict[str, str] | None = None,
+    patient_ids_known: bool = True,
+    segmenter_size: int | None = None,
+    segmenter_encoder: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PrepareResult:
+    """A source's records → a dataset cache: plan the splits (:func:`plan_splits`), then either
+    write the split manifest alone (``dry_run``: no image is read) or build the cache with the
+    lung U-Net checkpoint ``segmenter`` (refused unless trained at ``segmenter_size`` px with
+    ``segmenter_encoder``, when those are given)."""
+    from ..tasks import classes_for
+
+    classes = classes_for(task)
+    kept, dropped = plan_splits(
+        records,
+        classes,
+        seed=seed,
+        balance=balance,
+        max_per_class=max_per_class,
+        trainval_test=official,
+        source=source,
+    )
+    if dry_run:
+        quality = quality_report(
+            kept, classes, skipped=skipped, dropped=dropped, patient_ids_known=patient_ids_known, seed=seed
+        )
+        return PrepareResult(write_dry_run(out, kept, quality, overwrite), quality, dry_run=True)
+    seg = None
+    if segmenter is not None:
+        from ..segmenter import load_segmenter
+
+        seg = load_segmenter(segmenter, expect_input_size=segmenter_size, expect_encoder=segmenter_encoder)
+    return build_cache(
+        kept,
+        out,
+        root=root,
+        classes=classes,
+        task=task,
+        size=size,
+        source=source,
+        data_access=data_access,
+        segmenter=seg,
+        skipped=skipped,
+        dropped=dropped,
+        patient_ids_known=patient_ids_known,
+        overwrite=overwrite,
+        workers=workers,
+        progress=progress,
+    )

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .select import SelectionError
+from ..tracking.lookup import SelectionError
 
 __all__ = ["experiment_url", "free_port", "start_ui", "stop_ui"]
 

@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FINAL_KEY", "sweep_trainable"]
+from ..space import FINAL_KEY, SweepSpec, trial_config_for
 
-FINAL_KEY = "trial_done"  # set on the last report, which carries best_val_* and test_* summaries
+__all__ = ["sweep_trainable"]
+
 FINAL_SUMMARY = "final_summary.json"  # in the final checkpoint: that last report, to replay it
 
 
@@ -26,14 +27,12 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     from trainer import run_trial
 
-    from .space import SweepSpec, flatten_ray_config, trial_config_for
-
     sweep = SweepSpec.model_validate(spec)
     ctx = tune.get_context()
     # Work in node-local scratch: Ray syncs the trial dir to storage in the background, and files
     # being written there race that sync. What must persist travels in checkpoints instead.
     scratch = Path(tempfile.mkdtemp(prefix=f"cxr-{sweep.name}-{ctx.get_trial_id()}-"))
-    cfg = trial_config_for(sweep, flatten_ray_config(config), ctx.get_trial_name(), str(scratch / "trial"))
+    cfg = trial_config_for(sweep, config, ctx.get_trial_name(), str(scratch / "trial"))
     info = {
         "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
         "node_id": ray.get_runtime_context().get_node_id(),

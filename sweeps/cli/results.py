@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-__all__ = ["register"]
+from .common import console, fail, short, user_errors
+
+__all__ = ["best_table", "register"]
 
 _Sweeps = Annotated[
     list[str] | None, typer.Argument(help="Sweep name(s): each sweep's latest parent run and its trials.")
@@ -42,14 +44,11 @@ _Metric = Annotated[
 _Stopped = Annotated[bool, typer.Option(help="Rank runs ASHA stopped early too (they have no test metrics).")]
 
 
-def _cli():
-    from . import cli
-
-    return cli
+_RESULT_ERRORS = (ValueError, FileNotFoundError)  # a bad metric name or filter, a missing file
 
 
 def _runs(sweeps, storage, tracking_uri, experiments, filter_, include_stopped):
-    from .select import find_runs
+    from ..tracking.lookup import find_runs
 
     return find_runs(
         list(sweeps or []),
@@ -59,15 +58,6 @@ def _runs(sweeps, storage, tracking_uri, experiments, filter_, include_stopped):
         filter_string=filter_,
         include_stopped=include_stopped,
     )
-
-
-def _guard(fn, *args, **kwargs):
-    """Run ``fn``; user errors print one line and exit 2 (no traceback)."""
-    cli = _cli()
-    try:
-        return fn(*args, **kwargs)
-    except (*cli._user_errors(), ValueError, FileNotFoundError) as e:
-        raise cli._fail(str(e)) from None
 
 
 # ---- best ---------------------------------------------------------------------------------------------
@@ -85,38 +75,31 @@ def best(
     ] = False,
 ) -> None:
     """Rank a sweep's finished trials on a validation metric; show the top ones with test metrics."""
-    from .select import metric_key, rank_runs
+    from ..results.select import metric_key, rank_runs
 
     if top != "all" and not (top.isdigit() and int(top) >= 1):
-        raise _cli()._fail(f"--top must be a positive number or 'all', got {top!r}")
-    found = _guard(_runs, sweeps, storage, tracking_uri, experiment, filter_, include_stopped)
-    metric = metric or found.default_metric
-    ranked = _guard(rank_runs, found.runs, metric)
+        raise fail(f"--top must be a positive number or 'all', got {top!r}")
+    with user_errors(*_RESULT_ERRORS):
+        found = _runs(sweeps, storage, tracking_uri, experiment, filter_, include_stopped)
+        metric = metric or found.default_metric
+        ranked = rank_runs(found.runs, metric)
     ranked = ranked if top == "all" else ranked[: int(top)]
     key = metric_key(metric)
     if as_json:
         rows = [{"rank": i + 1, "selection_metric": key, **r.to_dict()} for i, r in enumerate(ranked)]
         typer.echo(json.dumps(rows, indent=2))
         return
-    _cli().console.print(_best_table(ranked, key, found))
+    console.print(best_table(ranked, key, found))
 
 
-def _best_table(ranked, key: str, found) -> Table:
-    from .select import localization_logged
+def best_table(ranked, key: str, found) -> Table:
+    """The ``best`` table: rank, run, trial, searched values, the selection metric, test metrics."""
+    from trainer.metrics import metric_label
+
+    from ..results.select import localization_logged
 
     shown = ["f1_macro", *localization_logged(ranked)]
     shown += ["accuracy", "auc", "sensitivity", "specificity", "youden_index", "discriminant_power"]
-    short = {
-        "f1_macro": "F1",
-        "pointing_game": "pointing",
-        "cam_in_region": "CAM in",
-        "accuracy": "acc",
-        "auc": "AUC",
-        "sensitivity": "sens",
-        "specificity": "spec",
-        "youden_index": "YI",
-        "discriminant_power": "DP",
-    }
     table = Table(
         title=f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); "
         "test metrics right of it",
@@ -128,9 +111,9 @@ def _best_table(ranked, key: str, found) -> Table:
     table.add_column("params")
     table.add_column(key, justify="right", style="bold")
     for m in shown:
-        table.add_column(short.get(m, m), justify="right")
+        table.add_column(metric_label(m, short=True), justify="right")
     for i, r in enumerate(ranked):
-        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r.searched.items())
+        params = ", ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in r.searched.items())
         values = [_num(r.metrics.get(f"test_{m}")) for m in shown]
         table.add_row(
             str(i + 1), r.run_id[:8], r.trial_id or r.run_name, params, _num(r.metrics[key]), *values
@@ -140,14 +123,6 @@ def _best_table(ranked, key: str, found) -> Table:
 
 def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.3f}"
-
-
-def _short(v: Any) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return f"{f:.3g}"
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -165,25 +140,23 @@ def report(
     log: Annotated[bool, typer.Option(help="Log the files to each sweep's parent run under report/.")] = True,
 ) -> None:
     """The paper's tables from a sweep's runs: Markdown, LaTeX, CSV and a YI/DP chart."""
-    from .report import build_report
+    from ..results.report import build_report
 
-    found = _guard(_runs, sweeps, storage, tracking_uri, experiment, filter_, False)
-    names = list(sweeps or []) or list(experiment or [])
-    if out is None:
-        first = names[0]
-        out = (storage / first / "report") if storage is not None else Path(f"report-{first}")
-    title = "Sweep " + ", ".join(names)
-    built = _guard(build_report, found.runs, metric or found.default_metric, out, title)
-    console = _cli().console
+    with user_errors(*_RESULT_ERRORS):
+        found = _runs(sweeps, storage, tracking_uri, experiment, filter_, False)
+        names = list(sweeps or []) or list(experiment or [])
+        if out is None:
+            first = names[0]
+            out = (storage / first / "report") if storage is not None else Path(f"report-{first}")
+        title = "Sweep " + ", ".join(names)
+        built = build_report(found.runs, metric or found.default_metric, out, title)
     for name, path in built.files.items():
         console.print(f"{name}: {path}")
     if log and found.parents:
-        from mlflow.tracking import MlflowClient
+        from ..tracking.parent import log_to_parent_runs
 
-        client = MlflowClient(found.tracking_uri)
+        log_to_parent_runs(found.tracking_uri, found.parents, built.files.values(), "report")
         for sweep, parent in found.parents.items():
-            for path in built.files.values():
-                client.log_artifact(parent, str(path), artifact_path="report")
             console.print(f"logged to sweep {sweep!r} parent run {parent} under report/")
 
 
@@ -207,23 +180,21 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
 ) -> None:
     """Export the best (or a given) run's model to TorchScript/ONNX, with a model card, and register it."""
-    from .export import export_model, parse_formats
+    from ..results.export import export_model, parse_formats
 
-    formats = _guard(parse_formats, format_)
-    result = _guard(
-        export_model,
-        source,
-        formats,
-        out,
-        storage=storage,
-        tracking_uri=tracking_uri,
-        metric=metric,
-        atol=atol,
-        register=register,
-        registered_name=name,
-        overwrite=overwrite,
-    )
-    console = _cli().console
+    with user_errors(*_RESULT_ERRORS):
+        result = export_model(
+            source,
+            parse_formats(format_),
+            out,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            metric=metric,
+            atol=atol,
+            register=register,
+            registered_name=name,
+            overwrite=overwrite,
+        )
     console.print(f"run {result.run.run_id} ({result.run.run_name}) of sweep {result.run.sweep!r}")
     for fmt, path in result.files.items():
         diff = result.max_abs_diff.get(fmt)
@@ -245,19 +216,12 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Run an exported model on images: probabilities (CSV) and Grad-CAM overlay PNGs."""
-    from .predict import predict_folder
+    from ..results.predict import predict_folder
 
-    result = _guard(
-        predict_folder,
-        model,
-        images,
-        out,
-        runtime=runtime,
-        cam=cam,
-        batch_size=batch_size,
-        overwrite=overwrite,
-    )
-    console = _cli().console
+    with user_errors(*_RESULT_ERRORS):
+        result = predict_folder(
+            model, images, out, runtime=runtime, cam=cam, batch_size=batch_size, overwrite=overwrite
+        )
     console.print(f"{len(result.names)} images, probabilities from {result.runtime}: {result.csv}")
     if result.overlays:
         console.print(f"Grad-CAM overlays: {result.out_dir / 'cam'} ({len(result.overlays)} PNGs)")
@@ -273,25 +237,23 @@ def ui(
     """Start the MLflow UI on the sweep's tracking store (127.0.0.1 only) and print its URL."""
     from mlflow.tracking import MlflowClient
 
-    from .select import open_store
-    from .ui import experiment_url, start_ui, stop_ui
+    from ..results.ui import experiment_url, start_ui, stop_ui
+    from ..tracking.lookup import open_store, sweep_experiment
 
-    uri = _guard(open_store, sweep, storage, tracking_uri)
-    exp_id = None
-    if sweep is not None:
-        from .select import sweep_experiment
-
-        name = _guard(sweep_experiment, sweep, storage) or sweep
-        exp = MlflowClient(uri).get_experiment_by_name(name)
-        if exp is None:
-            raise _cli()._fail(f"unknown sweep {sweep!r}: no MLflow experiment {name!r} in {uri}")
-        exp_id = exp.experiment_id
+    with user_errors(*_RESULT_ERRORS):
+        uri = open_store(sweep, storage, tracking_uri)
+        exp_id = None
+        if sweep is not None:
+            name = sweep_experiment(sweep, storage) or sweep
+            exp = MlflowClient(uri).get_experiment_by_name(name)
+            if exp is None:
+                raise fail(f"unknown sweep {sweep!r}: no MLflow experiment {name!r} in {uri}")
+            exp_id = exp.experiment_id
+        proc, base = start_ui(uri, port=port)
     import signal
     import sys
 
-    proc, base = _guard(start_ui, uri, port=port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too (finally below)
-    console = _cli().console
     console.print(f"MLflow UI on {uri}")
     console.print(f"open {experiment_url(base, exp_id)}  (Ctrl-C stops it)", soft_wrap=True)
     console.file.flush()  # the URL must reach a pipe (scripts, tests) before the wait

@@ -1,4 +1,5 @@
-"""The ``cxr-sweep`` command line."""
+"""Trial commands of ``cxr-sweep``: ``phantoms`` (synthetic data), ``train`` (one trial, logged to
+MLflow) and ``demo`` (both, with the embedded defaults)."""
 
 from __future__ import annotations
 
@@ -8,40 +9,14 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["app"]
+from .common import console, fail, user_errors
 
-app = typer.Typer(
-    name="cxr-sweep",
-    help="Sweeps for chest X-ray classifiers trained with a localization-aware attention loss.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+__all__ = ["register"]
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: shown without a traceback, exit code 2."""
-    from trainer._registry import UnknownNameError
-    from trainer.backbones import BackboneError
-    from trainer.config import ConfigError
-    from trainer.data.cache import CacheError
-    from trainer.loop import CheckpointMismatchError
-
-    return (ConfigError, CacheError, BackboneError, UnknownNameError, CheckpointMismatchError)
-
-
-def _fail(msg: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
-
-
-# ---- phantoms -----------------------------------------------------------------------------------
-@app.command()
 def phantoms(
     out: Annotated[Path, typer.Option(help="Directory for phantom PNGs, masks and labels.csv.")],
     task: Annotated[str, typer.Option(help="Task whose classes to draw: ne, np, ns, nep, neps.")] = "neps",
@@ -60,7 +35,7 @@ def phantoms(
     from trainer.data.sources import cache_from_phantoms
     from trainer.tasks import classes_for
 
-    try:
+    with user_errors(ValueError):
         classes = classes_for(task)
         shortcut = (
             None if shortcut_trainval is None else {"trainval": shortcut_trainval, "test": shortcut_test}
@@ -70,12 +45,8 @@ def phantoms(
         if cache is not None:
             path = cache_from_phantoms(out, cache, task, overwrite=overwrite)
             console.print(f"cache: {path}")
-    except (*_user_errors(), ValueError) as e:
-        raise _fail(str(e)) from None
 
 
-# ---- train --------------------------------------------------------------------------------------
-@app.command()
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="Trial config YAML.")],
     set_: Annotated[
@@ -103,10 +74,8 @@ def train(
             overrides.append(f"{key}={value}")
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir.resolve()}")
-    try:
+    with user_errors():
         cfg = TrialConfig.from_file(config, overrides)
-    except _user_errors() as e:
-        raise _fail(str(e)) from None
     _train_and_log(cfg, resume=resume, tracking_uri=tracking_uri, experiment=experiment, use_mlflow=mlflow)
 
 
@@ -115,16 +84,17 @@ def _train_and_log(cfg, *, resume: bool, tracking_uri: str | None, experiment: s
 
     resume_from = cfg.output_dir / "checkpoint" if resume else None
     if resume and not (resume_from / "state.pt").is_file():
-        raise _fail(f"--resume: no checkpoint in {resume_from}")
+        raise fail(f"--resume: no checkpoint in {resume_from}")
     run = None
     if use_mlflow:
-        from .tracking import TrialRun, resolve_tracking_uri
+        from ..tracking.runs import TrialRun
+        from ..tracking.store import resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
         try:
             run = TrialRun(uri, experiment, cfg.name, tags={"cxr.kind": "trial"})
         except Exception as e:
-            raise _fail(f"MLflow tracking store {uri} is not usable: {e}") from None
+            raise fail(f"MLflow tracking store {uri} is not usable: {e}") from None
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         run.log_config(cfg, cfg.save(cfg.output_dir / "config.resolved.yaml"))
         console.print(f"MLflow run {run.run_id} in experiment {experiment!r} at {uri}")
@@ -149,15 +119,14 @@ def _train_and_log(cfg, *, resume: bool, tracking_uri: str | None, experiment: s
         )
         progress.update(task_id, completed=epoch + 1, status=status)
 
-    try:
-        with progress:
-            result = run_trial(cfg, report=report, resume_from=resume_from)
-    except BaseException as e:
-        if run is not None:
-            run.finish(e)
-        if isinstance(e, _user_errors()):
-            raise _fail(str(e)) from None
-        raise
+    with user_errors():
+        try:
+            with progress:
+                result = run_trial(cfg, report=report, resume_from=resume_from)
+        except BaseException as e:
+            if run is not None:
+                run.finish(e)
+            raise
     if run is not None:
         run.log_result(result)
         run.finish()
@@ -166,13 +135,13 @@ def _train_and_log(cfg, *, resume: bool, tracking_uri: str | None, experiment: s
 
 
 def _print_result(result: dict[str, Any]) -> None:
-    from trainer.metrics import METRIC_NAMES
+    from trainer.metrics import LOCALIZATION_METRICS, METRIC_NAMES
 
     table = Table(title=f"{result['name']}: best epoch {result['best_epoch']} of {result['epochs_run']}")
     table.add_column("metric")
     table.add_column("best val", justify="right")
     table.add_column("test", justify="right")
-    for name in (*METRIC_NAMES, "pointing_game", "cam_in_region"):
+    for name in (*METRIC_NAMES, *LOCALIZATION_METRICS):
         v, t = result.get(f"best_val_{name}"), result.get(f"test_{name}")
         if v is None and t is None:
             continue
@@ -181,8 +150,6 @@ def _print_result(result: dict[str, Any]) -> None:
     console.print(f"model: {result['model_path']}")
 
 
-# ---- demo ---------------------------------------------------------------------------------------
-@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where phantoms, cache, runs and mlflow.db go.")] = Path(
         "demo-output"
@@ -198,7 +165,7 @@ def demo(
     from trainer.data.sources import cache_from_phantoms
     from trainer.dotted import apply_overrides
 
-    from .tracking import default_tracking_uri
+    from ..tracking.store import default_tracking_uri
 
     workdir = workdir.resolve()
     if smoke:
@@ -218,120 +185,7 @@ def demo(
     console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]")
 
 
-# ---- sweeps ---------------------------------------------------------------------------------------
-sweep_app = typer.Typer(help="Ray Tune sweeps: run, resume, status.", no_args_is_help=True)
-app.add_typer(sweep_app, name="sweep")
-
-_SMOKE = ["trial.train.epochs=1"]
-
-
-@sweep_app.command("run")
-def sweep_run(
-    space: Annotated[Path, typer.Argument(help="Search-space YAML (search_spaces/*.yaml).")],
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster: auto, host:port or ray://host:10001 (default: local).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a sweep field: key.sub=value (repeatable).")
-    ] = None,
-    smoke: Annotated[
-        bool, typer.Option(help="One epoch per trial and at most 2 samples: a quick check.")
-    ] = False,
-    top: Annotated[int, typer.Option(help="Rows in the summary table.")] = 10,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished sweep of the same name.")] = False,
-) -> None:
-    """Run a sweep: every trial in Ray Tune, every trial a child run in MLflow."""
-    from .driver import run_sweep
-
-    overrides = list(set_ or [])
-    if smoke:
-        overrides = [*_SMOKE, "num_samples=1" if _is_grid(space) else "num_samples=2", *overrides]
-    try:
-        outcome = run_sweep(space, address=address, overrides=overrides, overwrite=overwrite)
-    except _user_errors() as e:
-        raise _fail(str(e)) from None
-    _print_sweep(outcome.rows, outcome.name, top)
-    console.print(f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}")
-    _print_ui_hint(outcome.tracking_uri)
-
-
-def _is_grid(space: Path) -> bool:
-    try:
-        raw = yaml.safe_load(space.read_text())
-        return raw.get("search", {}).get("algorithm") == "grid"
-    except (OSError, yaml.YAMLError, AttributeError):
-        return False
-
-
-@sweep_app.command("resume")
-def sweep_resume(
-    name: Annotated[str, typer.Argument(help="Sweep name (or its directory).")],
-    storage: Annotated[Path | None, typer.Option(help="The sweep's storage_path.")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
-) -> None:
-    """Continue an interrupted sweep without re-running finished trials."""
-    from .driver import resume_sweep
-
-    try:
-        outcome = resume_sweep(name, storage=storage, address=address)
-    except _user_errors() as e:
-        raise _fail(str(e)) from None
-    _print_sweep(outcome.rows, outcome.name, 10)
-    _print_ui_hint(outcome.tracking_uri)
-
-
-@sweep_app.command("status")
-def sweep_status(
-    name: Annotated[str, typer.Argument(help="Sweep name (or its directory).")],
-    storage: Annotated[Path | None, typer.Option(help="The sweep's storage_path.")] = None,
-) -> None:
-    """Show the trials of a sweep: state, params, best metric, GPU."""
-    from .driver import read_status
-
-    try:
-        spec, rows = read_status(name, storage=storage)
-    except _user_errors() as e:
-        raise _fail(str(e)) from None
-    _print_sweep(rows, spec.name, len(rows))
-
-
-def _print_sweep(rows: list[dict[str, Any]], name: str, top: int) -> None:
-    import math
-
-    order = sorted(
-        rows, key=lambda r: (math.isnan(r["best"]), -r["best"] if not math.isnan(r["best"]) else 0)
-    )
-    states = {s: sum(r["state"] == s for r in rows) for s in ("DONE", "STOPPED", "ERROR", "PENDING")}
-    title = f"sweep {name}: " + ", ".join(f"{n} {s.lower()}" for s, n in states.items() if n)
-    table = Table(title=title)
-    for col in ("trial", "state", "params", "best", "epochs", "GPU", "node"):
-        table.add_column(col, justify="right" if col in ("best", "epochs") else "left")
-    for r in order[:top]:
-        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["params"].items())
-        best = "" if math.isnan(r["best"]) else f"{r['best']:.3f}"
-        table.add_row(
-            r["trial"], r["state"], params, best, str(r["epochs"]), r["gpu_ids"] or "-", r["node_id"]
-        )
-    console.print(table)
-
-
-def _short(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _print_ui_hint(uri: str) -> None:
-    if uri.startswith("sqlite:"):
-        console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]")
-    else:
-        console.print(f"MLflow UI: {uri}")
-
-
-# ---- commands defined in their own modules (data preparation; results: best/report/export/...) ---
-def _register_more() -> None:
-    from . import cli_data, cli_results
-
-    cli_data.register(app)
-    cli_results.register(app)
-
-
-_register_more()
+def register(app: typer.Typer) -> None:
+    """Add ``phantoms``, ``train`` and ``demo`` to the ``cxr-sweep`` app."""
+    for fn in (phantoms, train, demo):
+        app.command(fn.__name__)(fn)

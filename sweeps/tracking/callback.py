@@ -19,8 +19,8 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from .space import SweepSpec, flatten_ray_config, overrides_from_params, trial_config_for
-from .tracking import (
+from ..space import FINAL_KEY, SweepSpec, searched_values, trial_config_for
+from .runs import (
     MAX_ERROR,
     MODEL_URI_TAG,
     dataset_tags,
@@ -30,7 +30,6 @@ from .tracking import (
     log_text_file,
     redact,
 )
-from .trainable import FINAL_KEY
 
 __all__ = ["FLUSH_GRACE_S", "MlflowSweepCallback", "TrackingUnavailable"]
 
@@ -115,11 +114,10 @@ class MlflowSweepCallback(Callback):
 
     def _describe(self, trial, run_id: str) -> str:
         """Params and dataset tags of a new trial run."""
-        flat = flatten_ray_config(trial.config)
         # output_dir: the trial's folder in storage, where its checkpoints and best model land
         where = getattr(trial, "path", None) or trial.local_path or "."
-        cfg = trial_config_for(self.spec, flat, str(trial), str(where))
-        searched = {f"search.{k}": v for k, v in overrides_from_params(flat).items()}
+        cfg = trial_config_for(self.spec, trial.config, str(trial), str(where))
+        searched = {f"search.{k}": v for k, v in searched_values(self.spec, trial.config).items()}
         log_params(self.client, run_id, {**cfg.flat_params(), **searched})
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
         self.described.add(trial.trial_id)

@@ -1,24 +1,22 @@
-"""Data commands of ``cxr-sweep``: the lung segmenter, ``prepare`` (dataset caches) and ``prior``.
+"""Data commands of ``cxr-sweep``: the lung segmenter, ``prepare`` (dataset caches) and ``prior``
+(usage: docs/data.md).
 
-    cxr-sweep segmenter train --images DIR --masks DIR --out lung_unet.pt
-    cxr-sweep segmenter predict --checkpoint lung_unet.pt --images DIR --out masks/
-    cxr-sweep prepare nih --csv Data_Entry_2017_v2020.csv.gz --images DIR --task ne --out cache/ne \\
-        --segmenter lung_unet.pt [--bbox BBox_List_2017.csv] [--dry-run]
-    cxr-sweep prepare folders --root DIR --task nep --out cache/nep --segmenter lung_unet.pt
-    cxr-sweep prepare csv --csv labels.csv --task ne --out cache/ne --segmenter lung_unet.pt
-    cxr-sweep prior --image X.png --box 310,620,280,220 --label effusion --segmenter lung_unet.pt
+A dataset source is a reader in :mod:`trainer.data.sources` (records and what it skipped) and a
+short command here that hands them to :func:`trainer.data.prepare.prepare_cache`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .common import console, fail, progress, user_errors
 
 __all__ = ["register"]
 
@@ -29,41 +27,7 @@ prepare_app = typer.Typer(
     help="Build a dataset cache (images, lung masks and boxes, splits) from NIH, class folders or a CSV.",
     no_args_is_help=True,
 )
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    from trainer.data.images import ImageReadError
-    from trainer.data.sources import SourceError
-    from trainer.data.splits import SplitError
-    from trainer.segmenter import SegmenterError
-
-    from .cli import _user_errors
-
-    # OSError: unwritable or full output folders, unreadable inputs (the message names the path)
-    return (*_user_errors(), SourceError, SplitError, SegmenterError, ImageReadError, OSError)
-
-
-def _fail(msg: str) -> typer.Exit:
-    from .cli import _fail as fail
-
-    return fail(msg)
-
-
-def _console():
-    from .cli import console
-
-    return console
-
-
-def _progress(what: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{what}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_console(),
-        transient=False,
-    )
+_DATA_ERRORS = (OSError,)  # unwritable or full output folders, unreadable inputs: the message names the path
 
 
 # ---- segmenter ----------------------------------------------------------------------------------
@@ -95,11 +59,10 @@ def segmenter_train(
     from trainer.data.pairs import find_pairs
     from trainer.segmenter import SegmenterMeta, load_pairs_resized, train_segmenter
 
-    try:
+    with user_errors(*_DATA_ERRORS):
         found = find_pairs(images, masks)
         if not found.pairs:
-            raise _fail(f"no image in {images} has a mask in {masks} (masks are paired by file stem)")
-        console = _console()
+            raise fail(f"no image in {images} has a mask in {masks} (masks are paired by file stem)")
         console.print(
             f"{len(found.pairs)} image/mask pairs; {len(found.images_without_mask)} images without a mask "
             f"(skipped), {len(found.masks_without_image)} masks without an image"
@@ -107,7 +70,7 @@ def segmenter_train(
         dec = _decoder(decoder_channels, depth)
         meta = SegmenterMeta(encoder=encoder, encoder_depth=depth, decoder_channels=dec, input_size=size)
         x, y = load_pairs_resized(found.pairs, size)
-        with _progress("training") as bar:
+        with progress("training") as bar:
             task = bar.add_task("epochs", total=epochs)
 
             def report(epoch: int, m: dict[str, float]) -> None:
@@ -134,8 +97,6 @@ def segmenter_train(
             f"segmenter: {seg.path}  best validation Dice {seg.meta.val_dice:.4f} at epoch {seg.meta.epochs} "
             f"({seg.meta.n_train} train / {seg.meta.n_val} validation images)"
         )
-    except _errors() as e:
-        raise _fail(str(e)) from None
 
 
 def _decoder(spec: str | None, depth: int) -> tuple[int, ...]:
@@ -144,9 +105,9 @@ def _decoder(spec: str | None, depth: int) -> tuple[int, ...]:
     try:
         dec = tuple(int(v) for v in spec.split(","))
     except ValueError:
-        raise _fail(f"--decoder-channels {spec!r}: expected comma-separated integers") from None
+        raise fail(f"--decoder-channels {spec!r}: expected comma-separated integers") from None
     if len(dec) != depth:
-        raise _fail(f"--decoder-channels {spec!r}: {len(dec)} values for --depth {depth}")
+        raise fail(f"--decoder-channels {spec!r}: {len(dec)} values for --depth {depth}")
     return dec
 
 
@@ -168,27 +129,21 @@ def segmenter_predict(
     from trainer.data.boxes import boxes_from_masks
     from trainer.data.images import read_gray
     from trainer.data.pairs import list_images
-    from trainer.segmenter import load_segmenter, postprocess
+    from trainer.segmenter import load_segmenter
 
-    try:
+    with user_errors(*_DATA_ERRORS):
         seg = load_segmenter(checkpoint, device=device)
         files = list_images(images)
         if not files:
-            raise _fail(f"{images}: no image files")
+            raise fail(f"{images}: no image files")
         out.mkdir(parents=True, exist_ok=True)
-        n = seg.meta.input_size
         rows, fallbacks = [], 0
-        with _progress("segmenting") as bar:
+        with progress("segmenting") as bar:
             task = bar.add_task("images", total=len(files))
             for i in range(0, len(files), batch_size):
                 chunk = files[i : i + batch_size]
-                originals = [read_gray(f) for f in chunk]
-                square = np.stack([_square(img, n) for img in originals])  # (B, n, n)
-                prob = seg.probabilities(square)  # (B, n, n)
-                for f, img, p in zip(chunk, originals, prob, strict=True):
-                    h, w = img.shape
-                    p_full = np.asarray(Image.fromarray(p).resize((w, h), Image.Resampling.BILINEAR))
-                    mask = postprocess(p_full, seg.meta.threshold)
+                masks = seg.masks_at_own_size([read_gray(f) for f in chunk])  # each (H, W) of its image
+                for f, mask in zip(chunk, masks, strict=True):
                     Image.fromarray(mask * np.uint8(255)).save(out / f"{f.stem}.png")
                     box, empty = boxes_from_masks(torch.from_numpy(mask)[None])
                     fallbacks += int(empty[0])
@@ -198,16 +153,7 @@ def segmenter_predict(
             w = csv.writer(fh)
             w.writerow(["image", "x", "y", "w", "h", "fallback_whole_image"])
             w.writerows(rows)
-        _console().print(f"{len(rows)} masks in {out}; nothing found (whole-image box) in {fallbacks}")
-    except _errors() as e:
-        raise _fail(str(e)) from None
-
-
-def _square(img, n: int):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(img).resize((n, n), Image.Resampling.BOX), dtype=np.uint8)
+        console.print(f"{len(rows)} masks in {out}; nothing found (whole-image box) in {fallbacks}")
 
 
 # ---- prepare ------------------------------------------------------------------------------------
@@ -230,6 +176,24 @@ _OverOpt = Annotated[bool, typer.Option(help="Replace an existing cache.")]
 _WorkersOpt = Annotated[int, typer.Option(min=1, help="Threads decoding images.")]
 _SegSizeOpt = Annotated[int | None, typer.Option(help="Refuse a segmenter not trained at this input size.")]
 _SegEncOpt = Annotated[str | None, typer.Option(help="Refuse a segmenter with another encoder.")]
+
+
+_SHARED = (
+    "out",
+    "segmenter",
+    "size",
+    "seed",
+    "balance",
+    "max_per_class",
+    "overwrite",
+    "workers",
+    "segmenter_size",
+)
+
+
+def _shared(options: dict[str, Any]) -> dict[str, Any]:
+    """The options every ``prepare`` command has, from that command's arguments (``locals()``)."""
+    return {k: options[k] for k in (*_SHARED, "segmenter_size", "segmenter_encoder")}
 
 
 @prepare_app.command("nih")
@@ -261,34 +225,24 @@ def prepare_nih(
     """NIH ChestX-ray14: single-label rows, patient-disjoint class-balanced 60/20/20 splits."""
     from trainer.data.sources import nih_records, read_official_split
 
-    try:
+    options = _shared(locals())
+    with user_errors(*_DATA_ERRORS):
         if images is None and not dry_run:
-            raise _fail("--images is required (only --dry-run works from the CSV alone)")
+            raise fail("--images is required (only --dry-run works from the CSV alone)")
         records, skipped = nih_records(csv, task, images_dir=images, view=view, bbox_csv=bbox)
         official = read_official_split(official_split) if official_split else None
         _prepare(
             records,
             skipped,
             task=task,
-            out=out,
+            dry_run=dry_run,
             root=images or csv.parent,
             source=f"nih:{csv.name}",
             data_access="public",
-            segmenter=segmenter,
-            size=size,
-            seed=seed,
-            balance=balance,
-            max_per_class=max_per_class,
-            dry_run=dry_run,
-            overwrite=overwrite,
-            workers=workers,
             official=official,
             patient_ids_known=True,
-            seg_size=segmenter_size,
-            seg_encoder=segmenter_encoder,
+            **options,
         )
-    except _errors() as e:
-        raise _fail(str(e)) from None
 
 
 @prepare_app.command("folders")
@@ -317,31 +271,20 @@ def prepare_folders(
     """A class-folder tree (the authors' layout; a private set such as Ottawa)."""
     from trainer.data.sources import folder_records
 
-    try:
+    options = _shared(locals())
+    with user_errors(*_DATA_ERRORS):
         records, skipped = folder_records(root, task, patient_regex=patient_regex)
         _prepare(
             records,
             skipped,
             task=task,
-            out=out,
+            dry_run=dry_run,
             root=root,
             source=f"folders:{root.name}",
             data_access=_access(data_access),
-            segmenter=segmenter,
-            size=size,
-            seed=seed,
-            balance=balance,
-            max_per_class=max_per_class,
-            dry_run=dry_run,
-            overwrite=overwrite,
-            workers=workers,
-            official=None,
             patient_ids_known=patient_regex is not None,
-            seg_size=segmenter_size,
-            seg_encoder=segmenter_encoder,
+            **options,
         )
-    except _errors() as e:
-        raise _fail(str(e)) from None
 
 
 @prepare_app.command("csv")
@@ -367,116 +310,54 @@ def prepare_csv(
     """A generic CSV of images; given lung masks are used as is, else the segmenter runs."""
     from trainer.data.sources import csv_records
 
-    try:
+    options = _shared(locals())
+    with user_errors(*_DATA_ERRORS):
         records, skipped = csv_records(csv, task, root=root)
         _prepare(
             records,
             skipped,
             task=task,
-            out=out,
+            dry_run=dry_run,
             root=root or csv.resolve().parent,
             source=f"csv:{csv.name}",
             data_access=_access(data_access),
-            segmenter=segmenter,
-            size=size,
-            seed=seed,
-            balance=balance,
-            max_per_class=max_per_class,
-            dry_run=dry_run,
-            overwrite=overwrite,
-            workers=workers,
-            official=None,
-            patient_ids_known=True,
-            seg_size=segmenter_size,
-            seg_encoder=segmenter_encoder,
+            **options,
         )
-    except _errors() as e:
-        raise _fail(str(e)) from None
 
 
 def _access(value: str) -> _DataAccess:
     if value not in ("private", "public", "synthetic"):
-        raise _fail(f"--data-access must be private, public or synthetic, got {value!r}")
+        raise fail(f"--data-access must be private, public or synthetic, got {value!r}")
     return value  # type: ignore[return-value]
 
 
-def _prepare(
-    records,
-    skipped: Counter,
-    *,
-    task: str,
-    out: Path,
-    root: Path,
-    source: str,
-    data_access: _DataAccess,
-    segmenter: Path | None,
-    size: int,
-    seed: int,
-    balance: bool,
-    max_per_class: int | None,
-    dry_run: bool,
-    overwrite: bool,
-    workers: int,
-    official: dict[str, str] | None,
-    patient_ids_known: bool,
-    seg_size: int | None,
-    seg_encoder: str | None,
-) -> None:
-    from trainer.data.prepare import build_cache, plan_splits, quality_report, write_dry_run
-    from trainer.segmenter import load_segmenter
+def _prepare(records, skipped: Counter, *, task: str, dry_run: bool, **options: Any) -> None:
+    """Plan the splits and build the cache (:func:`trainer.data.prepare.prepare_cache`) under a
+    progress bar, then print the data-quality table."""
+    from trainer.data.prepare import prepare_cache
     from trainer.tasks import classes_for
 
-    classes = classes_for(task)
-    kept, dropped = plan_splits(
-        records,
-        classes,
-        seed=seed,
-        balance=balance,
-        max_per_class=max_per_class,
-        trainval_test=official,
-        source=source,
-    )
-    console = _console()
-    if dry_run:
-        quality = quality_report(
-            kept, classes, skipped=skipped, dropped=dropped, patient_ids_known=patient_ids_known, seed=seed
+    with contextlib.nullcontext() if dry_run else progress("preparing") as bar:
+        t = bar.add_task("images", total=None) if bar is not None else None
+
+        def report(done: int, total: int) -> None:
+            bar.update(t, completed=done, total=total)
+
+        result = prepare_cache(
+            records, skipped, task=task, dry_run=dry_run, progress=report if bar else None, **options
         )
-        path = write_dry_run(out, kept, quality, overwrite)
-        _print_quality(quality, classes)
-        console.print(f"dry run: split manifest {path / 'manifest.csv'} (no image read)")
+    _print_quality(result.quality, classes_for(task))
+    if result.dry_run:
+        console.print(f"dry run: split manifest {result.path / 'manifest.csv'} (no image read)")
         return
-    seg = None
-    if segmenter is not None:
-        seg = load_segmenter(segmenter, expect_input_size=seg_size, expect_encoder=seg_encoder)
-    with _progress("preparing") as bar:
-        t = bar.add_task("images", total=len(kept))
-        result = build_cache(
-            kept,
-            out,
-            root=root,
-            classes=classes,
-            task=task,
-            size=size,
-            source=source,
-            data_access=data_access,
-            segmenter=seg,
-            skipped=skipped,
-            dropped=dropped,
-            patient_ids_known=patient_ids_known,
-            overwrite=overwrite,
-            workers=workers,
-            progress=lambda done, n: bar.update(t, completed=done),
-        )
-    _print_quality(result.quality, classes)
     resumed = f", resumed {result.resumed_chunks} finished chunk(s)" if result.resumed_chunks else ""
     console.print(
-        f"cache: {result.path}  ({len(kept)} images in {result.seconds:.1f} s, "
+        f"cache: {result.path}  ({result.quality['images']} images in {result.seconds:.1f} s, "
         f"{result.images_per_s:.1f} images/s{resumed})"
     )
 
 
 def _print_quality(q: dict[str, Any], classes) -> None:
-    console = _console()
     table = Table(title="data quality")
     table.add_column("split")
     for c in classes:
@@ -522,60 +403,38 @@ def prior(
     ] = True,
 ) -> None:
     """Derive a region prior from one annotated X-ray (the paper's single-annotation claim)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from trainer.data.boxes import boxes_from_masks
     from trainer.data.images import read_gray, read_mask
     from trainer.data.sources import canonical_label
-    from trainer.priors import prior_from_boxes, save_prior
-    from trainer.segmenter import load_segmenter, postprocess
+    from trainer.priors import prior_from_image, save_prior
+    from trainer.segmenter import load_segmenter
+    from trainer.tasks import NO_FINDING
 
-    try:
+    with user_errors(*_DATA_ERRORS, ValueError):  # ValueError: a priors file that is not one
         name = canonical_label(label)
-        if name is None or name == "No Finding":
-            raise _fail(
-                f"--label {label!r}: not a pathology (effusion, pneumothorax, subcutaneous emphysema)"
-            )
+        if name is None or name == NO_FINDING:
+            raise fail(f"--label {label!r}: not a pathology (effusion, pneumothorax, subcutaneous emphysema)")
         try:
             lesion = [float(v) for v in box.split(",")]
         except ValueError:
             lesion = []
         if len(lesion) != 4:
-            raise _fail(f"--box {box!r}: expected x,y,w,h (four numbers)")
+            raise fail(f"--box {box!r}: expected x,y,w,h (four numbers)")
         if columns not in ("auto", "inside", "outside"):
-            raise _fail(f"--columns must be auto, inside or outside, got {columns!r}")
+            raise fail(f"--columns must be auto, inside or outside, got {columns!r}")
         if (segmenter is None) == (lung_mask is None):
-            raise _fail("pass exactly one of --segmenter and --lung-mask")
+            raise fail("pass exactly one of --segmenter and --lung-mask")
         img = read_gray(image)
-        h, w = img.shape
-        if lung_mask is not None:
-            mask = read_mask(lung_mask)
-            if mask.shape != img.shape:
-                raise _fail(
-                    f"--lung-mask {lung_mask}: size {mask.shape[::-1]} differs from the image's {(w, h)}"
-                )
-        else:
-            seg = load_segmenter(segmenter)
-            p = seg.probabilities(_square(img, seg.meta.input_size)[None])[0]
-            mask = postprocess(np.asarray(Image.fromarray(p).resize((w, h), Image.Resampling.BILINEAR)))
-        lung_box, empty = boxes_from_masks(torch.from_numpy(mask)[None])
-        if bool(empty[0]):
-            raise _fail(f"{image}: no lung found, so the lesion cannot be expressed relative to a lung box")
-        x, y, bw, bh = lesion
-        if bw <= 0 or bh <= 0 or x < 0 or y < 0 or x + bw > w or y + bh > h:
-            raise _fail(f"--box {box!r} is not inside the {w}x{h} image")
-        pr = prior_from_boxes(lung_box[0].tolist(), lesion, columns=columns, both_sides=both_sides)  # type: ignore[arg-type]
-        src = {"image": image.name, "lesion_box": lesion, "lung_box": lung_box[0].tolist()}
-        path = save_prior(out, name, pr, src)
-        _console().print(
+        mask = read_mask(lung_mask) if lung_mask else load_segmenter(segmenter).masks_at_own_size([img])[0]
+        try:
+            pr, lung_box = prior_from_image(img, lesion, mask, columns=columns, both_sides=both_sides)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise fail(f"{image}: {e}") from None
+        path = save_prior(out, name, pr, {"image": image.name, "lesion_box": lesion, "lung_box": lung_box})
+        console.print(
             f"{name}: rows {pr.y[0]:.3f}–{pr.y[1]:.3f}, columns {pr.x[0]:.3f}–{pr.x[1]:.3f} of the lung box, "
             f"{pr.columns}  → {path}\n"
             f"Use it in a trial config: attention: {{priors: {json.dumps(str(path))}}}"
         )
-    except (*_errors(), ValueError) as e:
-        raise _fail(str(e)) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -21,35 +21,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.metrics import higher_is_better
+from trainer.metrics import higher_is_better, metric_label
 from trainer.tasks import TASKS
 
-from .select import RunRow, localization_logged, metric_key, rank_runs, summary_metrics
+from ..tracking.lookup import RunRow
+from .select import localization_logged, metric_key, rank_runs, summary_metrics
 
 __all__ = ["SUMMARY_METRICS", "Report", "build_report", "lambda_label"]
 
 # the paper's Tables I/II rows, and macro F1 (the selection metric by default) beside them
 SUMMARY_METRICS = ("sensitivity", "specificity", "youden_index", "discriminant_power", "f1_macro")
-_LABELS = {
-    "accuracy": "Accuracy",
-    "precision_macro": "Precision (macro)",
-    "precision_weighted": "Precision (weighted)",
-    "recall_macro": "Recall (macro)",
-    "recall_weighted": "Recall (weighted)",
-    "f1_macro": "F1 (macro)",
-    "f1_weighted": "F1 (weighted)",
-    "auc": "AUC",
-    "sensitivity": "Sensitivity",
-    "specificity": "Specificity",
-    "ppv": "PPV",
-    "npv": "NPV",
-    "fdr": "FDR",
-    "for": "FOR",
-    "youden_index": "Youden's index",
-    "discriminant_power": "DP",
-    "pointing_game": "Pointing game",
-    "cam_in_region": "CAM in lesion",
-}
 
 
 @dataclass
@@ -258,7 +239,7 @@ def _markdown(summary, detail, metric: str, title: str) -> str:
             for b in models:
                 r = _pick(summary, task=task, backbone=b, metric=m)
                 cells.append(f"{_fmt(r['ce'])}/{_fmt(r['attention'])}" if r else "–")
-            lines.append(f"| {_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {metric_label(m)} | " + " | ".join(cells) + " |")
         att = [
             f"{b}: λ = {r['attention_lambda']}"
             for b in models
@@ -279,7 +260,7 @@ def _markdown(summary, detail, metric: str, title: str) -> str:
                     _mark(_pick(detail, task=task, backbone=b, metric=m, **{"lambda": lam}), _md_b, _md_u)
                     for lam in lams
                 ]
-                lines.append(f"| {b if i == 0 else ''} | {_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {b if i == 0 else ''} | {metric_label(m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -318,7 +299,7 @@ def _latex(summary, detail, metric: str, title: str) -> str:
             for b in models:
                 r = _pick(summary, task=task, backbone=b, metric=m)
                 cells.append(f"{_fmt(r['ce'])}/{_fmt(r['attention'])}" if r else "--")
-            out.append(f"{_tex_escape(_LABELS.get(m, m))} & " + " & ".join(cells) + r" \\")
+            out.append(f"{_tex_escape(metric_label(m))} & " + " & ".join(cells) + r" \\")
         out += [r"\hline", r"\end{tabular}", r"\end{table}", ""]
     for task in _tasks(detail):
         lams = _lambdas(detail, task)
@@ -340,7 +321,7 @@ def _latex(summary, detail, metric: str, title: str) -> str:
                 ]
                 cells = [c.replace("–", "--") for c in cells]
                 model = _tex_escape(b) if i == 0 else ""
-                out.append(f"{model} & {_tex_escape(_LABELS.get(m, m))} & " + " & ".join(cells) + r" \\")
+                out.append(f"{model} & {_tex_escape(metric_label(m))} & " + " & ".join(cells) + r" \\")
             out.append(r"\hline")
         out += [r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out)
@@ -376,7 +357,7 @@ def _chart(summary: list[dict[str, object]], path: Path) -> Path:
                 bars = ax.bar(x + shift, np.nan_to_num(vals), width=0.4, label=label)
                 ax.bar_label(bars, labels=[_fmt(v) for v in vals], fontsize=7)
             ax.set_xticks(x, models, rotation=15)
-            ax.set_title(f"{_task_title(task)} — {_LABELS[m]}", fontsize=9)
+            ax.set_title(f"{_task_title(task)} — {metric_label(m)}", fontsize=9)
             ax.axhline(0, color="black", lw=0.6)
         row[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()

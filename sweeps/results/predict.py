@@ -28,7 +28,9 @@ from PIL import Image
 
 from trainer.data.images import IMAGE_SUFFIXES, read_gray, resize_gray
 
-from .export import META_FILE, ExportError, load_torchscript, staged_folder
+from .export import ExportError, staged_folder
+from .formats import load_torchscript
+from .model_card import META_FILE
 
 __all__ = [
     "Exported",

@@ -1,4 +1,4 @@
-"""MLflow logging of trials (DESIGN.md §4).
+"""MLflow logging of a run: params, metrics, plots and tags, with secrets redacted (DESIGN.md §4).
 
 A trial's run holds the full config as params, per-epoch metrics with ``step=epoch``,
 ``best_val_*`` and ``test_*`` summaries, and artifacts: the resolved config, ROC and
@@ -28,30 +28,17 @@ __all__ = [
     "MODEL_URI_TAG",
     "TrialRun",
     "dataset_tags",
-    "default_tracking_uri",
     "experiment_id",
     "log_metrics",
     "log_params",
     "log_plots",
     "log_text_file",
     "redact",
-    "resolve_tracking_uri",
 ]
 
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 MAX_ERROR = 4000  # characters of an error kept in the run's `error` tag
 MODEL_URI_TAG = "cxr.model_uri"  # where a finished trial's model.pt lies (read by `cxr-sweep export`)
-
-
-def default_tracking_uri(directory: str | Path | None = None) -> str:
-    """The embedded store: a sqlite file ``mlflow.db`` in ``directory`` (default: the cwd)."""
-    d = Path(directory or Path.cwd()).resolve()
-    return f"sqlite:///{d / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri`` if given, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:

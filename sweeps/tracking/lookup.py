@@ -1,40 +1,32 @@
-"""Choose the best configuration of a sweep from its MLflow runs — on validation metrics only.
+"""Find a sweep's trial runs in MLflow: the store that holds the sweep, its latest parent run and
+the finished children, as :class:`RunRow` objects that selection, reports and export read.
 
 A sweep's runs follow DESIGN.md §4: one parent run (``cxr.kind=sweep``) per sweep, one child run
-(``cxr.kind=trial``) per trial with ``best_val_*`` and ``test_*`` summaries. Selection ranks the
-*finished* trial runs — status FINISHED and not stopped early by ASHA (those never reached a test
-evaluation) — by one ``best_val_*`` metric. Test metrics are shown, never used to choose. Ties are
-broken deterministically: by the Ray trial id (creation order within a sweep), then the run name,
-then the run id.
+(``cxr.kind=trial``) per trial with ``best_val_*`` and ``test_*`` summaries. *Finished* means
+status FINISHED and not stopped early by ASHA (those never reached a test evaluation).
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError
-from trainer.metrics import METRIC_NAMES, higher_is_better
+from trainer.errors import ConfigError
+
+from ..space import load_saved_spec
+from .store import resolve_tracking_uri
 
 __all__ = [
-    "LOCALIZATION_METRICS",
     "RunRow",
     "SelectionError",
     "SweepRuns",
     "find_runs",
-    "localization_logged",
-    "metric_key",
     "open_store",
-    "rank_runs",
     "row_from_run",
-    "summary_metrics",
     "sweep_experiment",
 ]
 
-LOCALIZATION_METRICS = ("pointing_game", "cam_in_region")  # logged where lesion masks are known
 _DEFAULT_METRIC = "val_f1_macro"
 
 
@@ -97,18 +89,12 @@ def open_store(sweep: str | None, storage: str | Path | None, tracking_uri: str 
     is); else ``$MLFLOW_TRACKING_URI``; else ``./mlflow.db``. A sqlite store must exist: opening a
     missing one would silently create an empty database.
     """
-    from .driver import load_saved_spec, resolve_sweep_tracking_uri
-    from .tracking import resolve_tracking_uri
-
-    if tracking_uri:
-        uri = tracking_uri
-    elif storage is not None:
+    spec = None
+    if not tracking_uri and storage is not None:
         if sweep is None:
             raise SelectionError("--storage needs a SWEEP name (or pass --tracking-uri with --experiment)")
         spec, _ = load_saved_spec(sweep, storage)
-        uri = resolve_sweep_tracking_uri(spec)
-    else:
-        uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = resolve_tracking_uri(tracking_uri, spec=spec)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.is_file():
@@ -218,8 +204,6 @@ def sweep_experiment(sweep: str, storage: str | Path | None) -> str | None:
     """The MLflow experiment a sweep logged to, when its saved spec is at hand (it may be renamed)."""
     if storage is None:
         return None
-    from .driver import load_saved_spec
-
     spec, _ = load_saved_spec(sweep, storage)
     return spec.experiment
 
@@ -232,42 +216,3 @@ def _census(rows: list[RunRow]) -> str:
         state = "stopped early by ASHA" if r.tags.get("cxr.stopped_early") == "true" else r.status
         counts[state] = counts.get(state, 0) + 1
     return f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-
-
-# ---- ranking ------------------------------------------------------------------------------------------
-def metric_key(metric: str) -> str:
-    """``f1_macro`` / ``val_f1_macro`` / ``best_val_f1_macro`` → ``best_val_f1_macro``."""
-    name = metric.strip()
-    if name.startswith("test_"):
-        raise SelectionError(
-            f"--metric {metric!r}: selection uses validation metrics only (best_val_*), never test ones"
-        )
-    for prefix in ("best_val_", "val_"):
-        if name.startswith(prefix):
-            name = name.removeprefix(prefix)
-            break
-    return f"best_val_{name}"
-
-
-def rank_runs(runs: list[RunRow], metric: str) -> list[RunRow]:
-    """``runs`` that logged ``metric`` (a validation metric), best first, ties broken deterministically."""
-    key = metric_key(metric)
-    have = [r for r in runs if key in r.metrics and math.isfinite(r.metrics[key])]
-    if not have:
-        logged = sorted({k for r in runs for k in r.metrics if k.startswith("best_val_")})
-        raise SelectionError(
-            f"--metric {metric!r}: {key} was never logged by these runs; "
-            f"logged: {', '.join(logged) or 'none'}"
-        )
-    sign = -1.0 if higher_is_better(key) else 1.0
-    return sorted(have, key=lambda r: (sign * r.metrics[key], r.trial_id, r.run_name, r.run_id))
-
-
-def localization_logged(runs: list[RunRow]) -> list[str]:
-    """The localization scores (pointing game, CAM in lesion) that any of ``runs`` logged on test."""
-    return [m for m in LOCALIZATION_METRICS if any(f"test_{m}" in r.metrics for r in runs)]
-
-
-def summary_metrics(runs: list[RunRow]) -> list[str]:
-    """The test metric names a table shows: §5's, plus localization scores where any run logged them."""
-    return [*METRIC_NAMES, *localization_logged(runs)]

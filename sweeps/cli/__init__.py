@@ -1,0 +1,26 @@
+"""The ``cxr-sweep`` command line (console entry point ``sweeps.cli:app``).
+
+Commands live in one module per group: :mod:`.trial` (phantoms, train, demo), :mod:`.sweep`
+(sweep run/resume/status), :mod:`.data` (segmenter, prepare, prior) and :mod:`.results` (best,
+report, export, predict, ui); :mod:`.common` holds what they share, one way to fail included.
+Commands import the library lazily, so ``--help`` and bad input answer quickly.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import data, results, sweep, trial
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="cxr-sweep",
+    help="Sweeps for chest X-ray classifiers trained with a localization-aware attention loss.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+trial.register(app)
+app.add_typer(sweep.sweep_app, name="sweep")
+data.register(app)
+results.register(app)

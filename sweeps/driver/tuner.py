@@ -1,0 +1,107 @@
+"""Ray for a sweep: joining or starting it, and the Tuner (searcher, scheduler, resources,
+failure and checkpoint settings, storage, callbacks) built from a :class:`SweepSpec`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from trainer.errors import ConfigError
+
+from ..space import SweepSpec, optuna_space, ray_param_space, sweep_dir
+
+__all__ = ["build_tuner", "init_ray"]
+
+
+def init_ray(address: str | None) -> None:
+    """Start a local Ray (no dashboard), or join the cluster at ``address``."""
+    import ray
+
+    # JSON/CSV result files are added explicitly; no TensorBoard files (MLflow is the record)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # a checkpoint every epoch is the point: no "snapshotting may become a bottleneck" warnings
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    if address in (None, "", "local"):
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
+
+
+def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
+    """A new Tuner for ``spec``, or (``restore``) the interrupted one from its experiment state."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .trainable import sweep_trainable
+
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trainable, spec=spec.model_dump()),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    if restore:
+        # The random/grid space holds functions (λ's conditional draw) that Ray saved as placeholders:
+        # trials not yet started when the driver died need the same space given back to resolve them.
+        space = ray_param_space(spec) if spec.search.algorithm != "optuna" else None
+        return tune.Tuner.restore(
+            sweep_dir(spec), trainable=trainable, resume_errored=True, param_space=space
+        )
+    epochs = int(spec.trial["train"]["epochs"])
+    if spec.scheduler.type == "asha":
+        # ASHA stops a trial once it reaches max_t; one beyond the last epoch lets a trial that
+        # trains all its epochs finish its test evaluation and final report.
+        scheduler = ASHAScheduler(
+            time_attr="epochs_done",
+            max_t=(spec.scheduler.max_t or epochs) + 1,
+            grace_period=min(spec.scheduler.grace_period, epochs),
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    param_space: dict[str, Any] = {}
+    search_alg = None
+    if spec.search.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(
+            space=optuna_space(spec),
+            metric=spec.metric,
+            mode=spec.mode,
+            sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
+        )
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        param_space = ray_param_space(spec)
+        # TuneConfig.max_concurrent_trials only limits a Searcher; the variant generator takes its own
+        search_alg = BasicVariantGenerator(
+            random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials or 0
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials if spec.search.algorithm == "optuna" else None,
+            reuse_actors=spec.reuse_actors,
+            metric=spec.metric,
+            mode=spec.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=spec.storage_path,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[*callbacks, JsonLoggerCallback(), CSVLoggerCallback()],
+            verbose=0,
+        ),
+    )
