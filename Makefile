@@ -46,6 +46,7 @@ demo: develop
 lint: develop
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: develop
 	$(BIN)/ruff check --fix .
