@@ -104,3 +104,15 @@ def resolve_schedule(name: str, params: Mapping[str, object]) -> dict[str, float
             out[n] = float(v)
     create_schedule(name, **out)  # the builder checks the values
     return out
+
+
+@SCHEDULES.register("cosine")
+def cosine(floor: float = 0.2, period: int = 50) -> Schedule:
+    """From 1 down to ``floor`` along a half cosine over ``period`` epochs, then ``floor``."""
+    _check(0.0 <= floor <= 1.0, "floor", floor, "in [0, 1]")
+    _check(period >= 1, "period", period, ">= 1")
+
+    def lam(epoch: int) -> float:
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(epoch, period) / period))
+
+    return lam
