@@ -62,10 +62,11 @@ from trainer import run_trial
 from trainer.backbones import create_backbone
 from trainer.data.cache import write_cache
 from trainer.data.phantom import generate
+from trainer.tasks import classes_for
 
 __all__ = ["ClassicUNet", "authors_epoch", "main"]
 
-CLASSES = ("No Finding", "Effusion")
+CLASSES = classes_for("ne")
 
 
 class ClassicUNet(nn.Module):

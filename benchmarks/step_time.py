@@ -47,6 +47,7 @@ from trainer.cam import grad_cam_parts, has_head_shortcut
 from trainer.config import AttentionConfig
 from trainer.loop import training_step
 from trainer.priors import DEFAULT_PRIORS, prior_table
+from trainer.tasks import classes_for
 
 __all__ = ["CPU_CASES", "GPU_CASES", "StepCase", "main"]
 
@@ -62,7 +63,7 @@ GPU_CASES = [
     ("pvt_v2_b2_li", 224, 64),
 ]
 SMOKE_CASES = [("test_resnet", 64, 4)]
-CLASSES = ("No Finding", "Effusion")
+CLASSES = classes_for("ne")
 _ATTENTION = {
     "ce": ({"lambda": 1.0}, 1.0),
     "soft": ({"lambda": 0.5, "mode": "soft", "cam_target": "label"}, 0.5),

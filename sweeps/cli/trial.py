@@ -81,9 +81,10 @@ def train(
 
 def _train_and_log(cfg, *, resume: bool, tracking_uri: str | None, experiment: str, use_mlflow: bool) -> dict:
     from trainer import run_trial
+    from trainer.checkpoint import STATE_FILE
 
     resume_from = cfg.output_dir / "checkpoint" if resume else None
-    if resume and not (resume_from / "state.pt").is_file():
+    if resume and not (resume_from / STATE_FILE).is_file():
         raise fail(f"--resume: no checkpoint in {resume_from}")
     run = None
     if use_mlflow:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from torch import nn
 
+from trainer.data.cache import read_header
 from trainer.metrics import LOCALIZATION_METRICS, METRIC_NAMES
 
 from ..tracking.lookup import RunRow
@@ -37,7 +38,7 @@ def export_meta(model: nn.Module, payload: dict[str, Any], run: RunRow, uri: str
         "task": payload["config"]["data"]["task"],
         "classes": list(payload["classes"]),
         "image_size": int(payload["image_size"]),
-        "cache_size": _cache_header(cache).get("size", int(payload["image_size"])),
+        "cache_size": read_header(cache).get("size", int(payload["image_size"])),
         "normalization": payload.get("normalization", {"mean": 0.5, "std": 0.5}),
         "input": "grey image resized to image_size, scaled to [0, 1], (x - mean) / std, as 3 channels",
         "best_epoch": int(payload.get("epoch", -1)),
@@ -47,17 +48,9 @@ def export_meta(model: nn.Module, payload: dict[str, Any], run: RunRow, uri: str
         "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
         "dataset_cache": str(cache),
         "dataset_cache_hash": run.tags.get("cxr.cache_hash")
-        or _cache_header(cache).get("content_hash", "unknown (cache header not readable here)"),
+        or read_header(cache).get("content_hash", "unknown (cache header not readable here)"),
         "data_access": run.tags.get("cxr.data_access", ""),
     }
-
-
-def _cache_header(cache: str) -> dict[str, Any]:
-    """The trial cache's header, or ``{}`` where it is not readable (export on another machine)."""
-    try:
-        return json.loads((Path(cache) / "header.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def model_card(meta: dict[str, Any], payload: dict[str, Any], run: RunRow) -> str:

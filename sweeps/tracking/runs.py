@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from trainer.config import TrialConfig
-from trainer.data.cache import SHAREABLE_ACCESS
+from trainer.data.cache import SHAREABLE_ACCESS, read_header
 
 __all__ = [
     "MAX_ERROR",
@@ -118,11 +118,8 @@ def log_plots(client: MlflowClient, run_id: str, paths: Iterable[str | Path], da
 
 def dataset_tags(cfg: TrialConfig) -> dict[str, str]:
     """The trial's dataset identity as tags: the cache's content hash and access level (model cards)."""
-    import json
-
-    try:
-        header = json.loads((Path(cfg.data.cache) / "header.json").read_text())
-    except (OSError, ValueError):
+    header = read_header(cfg.data.cache)
+    if not header:
         return {}
     return {
         "cxr.cache_hash": str(header.get("content_hash", "")),

@@ -3,7 +3,7 @@
 A real ``mlflow server`` (sqlite backend) on 127.0.0.1 is stopped after the first epochs are
 logged and restarted on the same port and database 10 s later. The driver's callback queues
 what it could not log and replays it in order once the server answers (see
-sweeps/mlflow_callback.py); a store that never comes back is reported per trial.
+sweeps/tracking/callback.py); a store that never comes back is reported per trial.
 """
 
 from __future__ import annotations

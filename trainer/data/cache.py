@@ -43,6 +43,7 @@ __all__ = [
     "CacheError",
     "collate_batch",
     "open_cache",
+    "read_header",
     "write_cache",
 ]
 
@@ -201,6 +202,15 @@ class Cache:
 
     def split_indices(self, split: str) -> np.ndarray:
         return np.array([i for i, r in enumerate(self.manifest) if r["split"] == split], dtype=np.int64)
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """A cache's ``header.json`` without opening the cache, or ``{}`` where it cannot be read (a
+    cache on another machine: the tags and model card of a run then leave its identity out)."""
+    try:
+        return json.loads((Path(path) / "header.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def open_cache(path: str | Path, *, classes: Sequence[str] | None = None, verify: bool = True) -> Cache:
