@@ -135,9 +135,10 @@ def test_region_masks_for_every_task(task):
             assert (ys.min(), ys.max(), xs.min(), xs.max()) == (45, 79, 20, 79)
         elif name == "Pneumothorax":  # upper half
             assert (ys.min(), ys.max(), xs.min(), xs.max()) == (10, 44, 20, 79)
-        else:  # outside the lung box's columns, from the box top to the image bottom
-            assert ys.min() == 10 and ys.max() == s - 1
-            assert not m[:, 20:80].any() and m[10:, :20].all() and m[10:, 80:].all()
+        else:  # the authors' region: all but the lung box's columns from the box top down
+            assert not m[10:, 20:80].any() and m[10:, :20].all() and m[10:, 80:].all()
+            assert m[:10, :].all()  # the full-width rows above the lung box belong to it
+            assert int(m.sum()) == s * s - 60 * (s - 10)
 
 
 def test_prior_validation():

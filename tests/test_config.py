@@ -102,7 +102,7 @@ def test_yaml_roundtrip_with_overrides_and_infinite_prior(tmp_path):
     assert cfg.attention.lambda_ == "adaptive" and cfg.train.epochs == 3
     assert cfg.data.cache == (tmp_path / "cache/ne").resolve()  # relative to the YAML file
     assert cfg.output_dir.is_absolute()
-    assert math.isinf(cfg.attention.priors["Subcutaneous Emphysema"].y[1])
+    assert math.isinf(cfg.attention.priors["Subcutaneous Emphysema"].boxes[0].y[1])
     saved = cfg.save(tmp_path / "resolved.yaml")
     again = TrialConfig.from_file(saved)
     assert again == cfg

@@ -18,6 +18,7 @@ from trainer.config import TrialConfig
 from trainer.data.cache import open_cache
 from trainer.priors import (
     DEFAULT_PRIORS,
+    Box,
     RegionPrior,
     load_priors,
     prior_from_boxes,
@@ -31,10 +32,19 @@ runner = CliRunner()
 def test_prior_from_boxes_relative_to_the_lung_box():
     lung = (20, 10, 100, 80)  # x, y, w, h
     p = prior_from_boxes(lung, (90, 60, 20, 30), both_sides=False)  # lower right
-    assert p == RegionPrior(x=(0.7, 0.9), y=(0.625, 1.0), columns="inside")
-    assert prior_from_boxes(lung, (90, 60, 20, 30)).x == (0.1, 0.9)  # mirrored to the other lung
+    assert p == RegionPrior(boxes=[Box(x=(0.7, 0.9), y=(0.625, 1.0))])
+    assert p == RegionPrior(x=(0.7, 0.9), y=(0.625, 1.0), columns="inside")  # the older form loads the same
+    mirrored = prior_from_boxes(lung, (90, 60, 20, 30))  # and the same band on the other lung: a union
+    assert [b.x for b in mirrored.boxes] == [(0.1, 0.3), (0.7, 0.9)] and not mirrored.complement
+    table = prior_table(["No Finding", "Effusion"], {"Effusion": mirrored})
+    m = region_masks(torch.tensor([[20, 10, 100, 80]]), torch.tensor([1]), table, (100, 140))[0, 0]
+    assert m[60:90, 30:50].all() and m[60:90, 90:110].all() and int(m.sum()) == 2 * 30 * 20
+    assert not m[:, 50:90].any()  # the columns between the two bands (the mediastinum) stay out
+    central = prior_from_boxes(lung, (50, 60, 30, 30))  # a band that overlaps its mirror: one band
+    assert [b.x for b in central.boxes] == [(0.3, 0.7)]
     beside = prior_from_boxes(lung, (2, 40, 10, 50))  # wholly left of the lung columns
-    assert beside.columns == "outside" and beside.x == (0.0, 1.0) and beside.y == (0.375, 1.0)
+    assert [b.x for b in beside.boxes] == [(-math.inf, 0.0), (1.0, math.inf)]
+    assert {b.y for b in beside.boxes} == {(0.375, 1.0)} and not beside.complement
     with pytest.raises(ValueError, match="positive width and height"):
         prior_from_boxes(lung, (1, 1, 0, 5))
 
@@ -46,7 +56,8 @@ def test_priors_file_round_trip_merge_and_errors(tmp_path):
     save_prior(f, "Effusion", RegionPrior(x=(0.1, 0.9), y=(0.6, 1.0)), {"image": "a.png"})
     save_prior(f, "Subcutaneous Emphysema", RegionPrior(y=(0.2, math.inf), columns="outside"), {"image": "b"})
     got = load_priors(f)
-    assert got["Effusion"].y == (0.6, 1.0) and got["Subcutaneous Emphysema"].y[1] == math.inf
+    assert got["Effusion"].boxes[0].y == (0.6, 1.0)
+    assert got["Subcutaneous Emphysema"] == RegionPrior(y=(0.2, math.inf), columns="outside")  # ±inf survive
     assert yaml.safe_load(f.read_text())["priors"]["Effusion"]["source"] == {"image": "a.png"}
     (tmp_path / "bad.yaml").write_text("priors: [1, 2]")
     with pytest.raises(ValueError, match="expected a mapping of class name to prior"):
@@ -67,7 +78,7 @@ def test_trial_config_takes_a_priors_file_relative_to_itself(tmp_path, ne_cache)
         f"data: {{cache: {ne_cache}, task: ne}}\nattention: {{lambda: 0.5, priors: priors.yaml}}\n"
     )
     cfg = TrialConfig.from_file(tmp_path / "cfg" / "trial.yaml")
-    assert cfg.attention.priors["Effusion"].y == (0.55, 1.0)
+    assert cfg.attention.priors["Effusion"].boxes[0].y == (0.55, 1.0)
     assert cfg.attention.priors["Pneumothorax"] == DEFAULT_PRIORS["Pneumothorax"]  # defaults fill the rest
     again = TrialConfig.from_dict(cfg.to_dict())  # the resolved config carries values, not the path
     assert again.attention.priors["Effusion"] == cfg.attention.priors["Effusion"]
@@ -121,7 +132,9 @@ def test_prior_cli_from_one_annotated_phantom_covers_the_other_patients_lesions(
     )
     assert result.exit_code == 0, result.output
     derived = load_priors(out)["Effusion"]
-    assert derived.columns == "inside" and derived.y[0] > 0.3  # the lower lung, as the paper's prior
+    assert (
+        not derived.complement and min(b.y[0] for b in derived.boxes) > 0.3
+    )  # the lower lung, as the paper's
     cov_derived, cov_paper = _coverage(ne_cache, derived), _coverage(ne_cache, DEFAULT_PRIORS["Effusion"])
     print(f"effusion lesion pixels covered: derived {cov_derived:.3f}, paper's lower half {cov_paper:.3f}")
     assert cov_derived >= 0.5
@@ -149,7 +162,9 @@ def test_prior_cli_with_the_segmenter(phantom_dir, lung_segmenter, tmp_path):
     args_gt = [*args[:-4], "--lung-mask", str(phantom_dir / row["lung_mask_path"]), "--out", str(gt)]
     assert runner.invoke(app, args_gt).exit_code == 0
     a, b = load_priors(out)["Effusion"], load_priors(gt)["Effusion"]
-    assert np.allclose(a.y, b.y, atol=0.1) and np.allclose(a.x, b.x, atol=0.1)  # segmenter ≈ exact mask
+    assert len(a.boxes) == len(b.boxes)  # segmenter ≈ exact mask, box by box
+    for p, q in zip(a.boxes, b.boxes, strict=True):
+        assert np.allclose(p.y, q.y, atol=0.1) and np.allclose(p.x, q.x, atol=0.1)
 
 
 @pytest.mark.parametrize(

@@ -431,8 +431,7 @@ def prior(
             raise fail(f"{image}: {e}") from None
         path = save_prior(out, name, pr, {"image": image.name, "lesion_box": lesion, "lung_box": lung_box})
         console.print(
-            f"{name}: rows {pr.y[0]:.3f}–{pr.y[1]:.3f}, columns {pr.x[0]:.3f}–{pr.x[1]:.3f} of the lung box, "
-            f"{pr.columns}  → {path}\n"
+            f"{name}: {pr.describe()} of the lung box  → {path}\n"
             f"Use it in a trial config: attention: {{priors: {json.dumps(str(path))}}}"
         )
 
