@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _step_time(cfg, cache, b: dict[str, torch.Tensor], args, device) -> float:
     """Median time of the trainer's CE training step on one batch of the cache (its CUDA defaults)."""
     from trainer.backbones import create_backbone
-    from trainer.loop import amp_dtype, training_step
+    from trainer.epoch import training_step
+    from trainer.loop import amp_dtype
     from trainer.priors import prior_table
 
     model = create_backbone(args.backbone, num_classes=2).to(device).train()

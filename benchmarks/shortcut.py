@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import yaml
 
+from trainer.attention_loss import create_loss_mode
+
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "shortcut.yaml"
 PAPER_LAMBDAS: list[Any] = [1.0, 0.75, 0.5, 0.25, "adaptive"]
@@ -104,6 +106,12 @@ def _search_spec(base, name, cache, task, method) -> dict[str, Any]:
     spec["trial"]["data"] = {"cache": str(cache), "task": task}
     att = spec["trial"]["attention"]
     att["mode"], att["cam_score"] = SEARCHED[method]
+    uses = create_loss_mode(att["mode"]).uses  # search only the settings the mode reads (energy: none)
+    spec["params"] = {
+        k: p
+        for k, p in spec["params"].items()
+        if k == "attention.lambda" or not k.startswith("attention.") or k.removeprefix("attention.") in uses
+    }
     return spec
 
 

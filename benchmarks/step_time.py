@@ -1,6 +1,6 @@
 """Attention-loss training step ÷ cross-entropy step, side by side on the same model and batch.
 
-Every step is the product's own :func:`trainer.loop.training_step` (λ = 1 is the plain CE
+Every step is the product's own :func:`trainer.epoch.training_step` (λ = 1 is the plain CE
 path, no CAM); the attention steps run λ = 0.5 in ``soft`` (CAM differentiable w.r.t. the
 parameters) and ``paper`` (no gradient through the CAM) modes. For backbones where Grad-CAM
 takes a head shortcut (VGG, see :mod:`trainer.cam`), ``soft_ref`` runs the same soft step with
@@ -45,7 +45,7 @@ from trainer.attention_loss import select_attention_term
 from trainer.backbones import create_backbone
 from trainer.cam import grad_cam_parts, has_head_shortcut
 from trainer.config import AttentionConfig
-from trainer.loop import training_step
+from trainer.epoch import training_step
 from trainer.priors import DEFAULT_PRIORS, prior_table
 from trainer.tasks import classes_for
 

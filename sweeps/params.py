@@ -38,9 +38,22 @@ class Range(_Strict):
 
 
 class _Param(_Strict):
-    """What every search-parameter type does; a subclass overrides what differs."""
+    """What every search-parameter type does; a subclass overrides what differs.
+
+    ``when: {other.key: [values]}`` makes a parameter conditional: it is drawn (and reaches the
+    trial) only where every named parameter, searched before it, took one of those values, so
+    the searcher spends nothing on a setting the trial would not use (``attention.tau`` exists
+    for mode ``soft`` only).
+    """
 
     enumerates: ClassVar[bool] = False  # a grid axis: every value runs (only with `algorithm: grid`)
+    when: dict[str, list[Any]] | None = Field(
+        None, description="Drawn only where these earlier params took these values."
+    )
+
+    def applies(self, drawn: dict[str, Any]) -> bool:
+        """Whether the condition holds for the values ``drawn`` so far (keys absent: it does not)."""
+        return all(drawn.get(k, _ABSENT) in values for k, values in (self.when or {}).items())
 
     @property
     def size(self) -> int:
@@ -169,6 +182,7 @@ class Grid(Choice):
 
 
 _KIND = "kind"  # which branch a λ draw took: `fixed` or a schedule name
+_ABSENT = object()
 
 
 class LambdaParam(_Param):

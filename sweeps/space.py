@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainer.config import TrialConfig, resolve_priors_file
 from trainer.dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping, set_dotted
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
+from trainer.metrics.names import check_metric, higher_is_better, logged_names
 
 from .params import Param
 
@@ -93,8 +94,13 @@ class SweepSpec(_Strict):
     num_samples: int = Field(8, ge=1, description="Trials (grid: repeats of the whole grid).")
     resources: Resources = Resources()
     max_concurrent_trials: int | None = Field(None, ge=1, description="Cap on trials running at once.")
-    metric: str = Field("val_f1_macro", description="Validation metric the searcher and ASHA optimise.")
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field(
+        "val_f1_macro",
+        description="Validation metric the searcher and ASHA optimise; also each trial's selection metric.",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="Its direction; left out, it follows the metric (and must agree with it)."
+    )
     storage_path: str = Field("sweeps", description="Local directory or s3:// URI for Ray's results.")
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial, from its last checkpoint.")
     reuse_actors: bool = Field(
@@ -102,12 +108,38 @@ class SweepSpec(_Strict):
     )
     mlflow: MlflowConfig = MlflowConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_follows_the_metric(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") is None:
+            try:
+                data = {
+                    **data,
+                    "mode": "max" if higher_is_better(data.get("metric", "val_f1_macro")) else "min",
+                }
+            except UserError:
+                data = {**data, "mode": "max"}  # the metric's own check says what is wrong with it
+        return data
+
     @field_validator("metric")
     @classmethod
     def _validation_metric(cls, v: str) -> str:
         if not v.startswith("val_"):
             raise ValueError(f"metric must be a validation metric (val_*), got {v!r}: never select on test")
+        check_metric(v, logged_names("val_"), "a validation metric a trial logs")
+        higher_is_better(v)  # a score: it has a direction
         return v
+
+    @model_validator(mode="after")
+    def _mode_agrees_with_the_metric(self):
+        want = "max" if higher_is_better(self.metric) else "min"
+        if self.mode != want:
+            better = "higher" if want == "max" else "lower"
+            raise ValueError(
+                f"mode: {self.mode!r} contradicts metric {self.metric!r} ({better} is better): "
+                f"leave mode out (it follows the metric) or set mode: {want}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grid_only_with_grid_search(self):
@@ -120,6 +152,20 @@ class SweepSpec(_Strict):
             )
         if self.search.algorithm == "grid" and not grid:
             raise ValueError("search.algorithm is 'grid' but no param has `type: grid`")
+        return self
+
+    @model_validator(mode="after")
+    def _conditions_name_earlier_choices(self):
+        keys = list(self.params)
+        for i, (key, p) in enumerate(self.params.items()):
+            for other, values in (p.when or {}).items():
+                q = self.params.get(other)
+                if other not in keys[:i] or not hasattr(q, "values"):
+                    raise ValueError(
+                        f"params.{key}.when: {other!r} must be a choice or grid parameter listed before it"
+                    )
+                if bad := [v for v in values if v not in q.values]:
+                    raise ValueError(f"params.{key}.when: {other} never takes {bad} (its values: {q.values})")
         return self
 
     @property
@@ -165,6 +211,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     if "://" not in storage and not Path(storage).is_absolute():
         storage = str((base / storage).resolve())
     trial = copy.deepcopy(spec.trial)
+    _one_selection_metric(trial, spec.metric, str(path))
     resolve_priors_file(trial, base)
     trial.setdefault("name", spec.name)
     trial.setdefault(
@@ -176,7 +223,49 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     for key, p in spec.params.items():
         for probe in p.probes(key):
             _validate_trial(spec.trial, probe, str(path), f"params.{key}")
+    _settings_used_by_the_modes(spec, base_cfg, str(path))
     return spec, base_cfg
+
+
+def _settings_used_by_the_modes(spec: SweepSpec, base: TrialConfig, source: str) -> None:
+    """A searched attention setting (threshold, τ) that the sweep's loss modes never read spends
+    trials on noise: refuse it, or ask for ``when`` where only some of the modes read it."""
+    from trainer.attention_loss import LOSS_MODES, create_loss_mode
+
+    searched = spec.params.get("attention.mode")
+    modes = list(searched.values) if searched is not None else [base.attention.mode]
+    settings = {s for name in LOSS_MODES for s in create_loss_mode(name).uses}
+    for key, p in spec.params.items():
+        setting = key.removeprefix("attention.")
+        if not key.startswith("attention.") or setting not in settings:
+            continue
+        allowed = [m for m in modes if m in (p.when or {}).get("attention.mode", modes)]
+        users = [m for m in allowed if setting in create_loss_mode(m).uses]
+        if not users:
+            raise ConfigError(
+                f"{source}: params.{key}: no loss mode this sweep runs ({', '.join(allowed)}) reads "
+                f"{setting}: every trial would draw it for nothing"
+            )
+        if len(users) < len(allowed):
+            raise ConfigError(
+                f"{source}: params.{key}: only mode {', '.join(users)} reads {setting}: add "
+                f"`when: {{attention.mode: [{', '.join(users)}]}}` so the other modes' trials do not draw it"
+            )
+
+
+def _one_selection_metric(trial: dict[str, Any], metric: str, source: str) -> None:
+    """Each trial picks its best epoch on the sweep's metric: the searcher, ASHA and every
+    ``best_val_*`` then rank one quantity. A trial config that names another is refused."""
+    train = trial.setdefault("train", {})
+    given = train.get("selection_metric") if isinstance(train, dict) else None
+    if given is not None and given != metric:
+        raise ConfigError(
+            f"{source}: trial.train.selection_metric {given!r} differs from metric {metric!r}: trials "
+            "would keep their best epoch on one while the searcher and ASHA rank the other. Set one of "
+            "them (the sweep's metric is every trial's selection metric)"
+        )
+    if isinstance(train, dict):
+        train["selection_metric"] = metric
 
 
 def _apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
@@ -221,7 +310,7 @@ def trial_overrides(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for key, p in spec.params.items():
-        if key in config:
+        if key in config and p.applies(config):  # random search draws a conditional one anyway
             out.update(p.overrides(key, config[key]))
     return out
 
@@ -260,7 +349,8 @@ class OptunaSpace:
     def __call__(self, trial) -> dict[str, Any]:
         constants: dict[str, Any] = {}
         for key, p in self.params.items():
-            constants.update(p.suggest(trial, key))
+            if p.applies(trial.params):  # a condition reads values suggested before it
+                constants.update(p.suggest(trial, key))
         return constants
 
 

@@ -10,7 +10,7 @@ from trainer.attention_loss import attention_loss, attention_term, fused_attenti
 from trainer.backbones import create_backbone
 from trainer.cam import grad_cam, grad_cam_parts
 from trainer.config import AttentionConfig, TrialConfig
-from trainer.loop import training_step
+from trainer.epoch import training_step
 from trainer.priors import DEFAULT_PRIORS, prior_table, region_masks
 
 CLASSES = ("No Finding", "Effusion", "Pneumothorax")

@@ -31,7 +31,7 @@ def test_trainer_imports_without_ray_mlflow_optuna():
         import trainer.backbones, trainer.priors, trainer.schedules, trainer.plots
         import trainer.data.cache, trainer.data.phantom, trainer.data.sources, trainer.data.transforms
         import trainer.segmenter, trainer.data.prepare, trainer.data.splits
-        import trainer.data.pairs, trainer.data.images
+        import trainer.data.pairs, trainer.data.images, trainer.epoch, trainer.presets, trainer.checkpoint
         print("ok")
         """
     )

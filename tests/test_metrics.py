@@ -77,11 +77,17 @@ def test_metric_names_and_result_keys():
         ("accuracy", True), ("auc", True), ("discriminant_power", True), ("youden_index", True),
         ("fdr", False), ("for", False), ("loss", False), ("attention_loss", False),
         ("val_fdr", False), ("test_for", False), ("best_val_for", False), ("train_loss", False),
-        ("val_auc", True), ("best_val_f1_macro", True), ("train_accuracy", True), ("forward", True),
+        ("val_auc", True), ("best_val_f1_macro", True), ("train_accuracy", True), ("val_ce", False),
     ],
 )  # fmt: skip
 def test_higher_is_better(name, expected):
     assert higher_is_better(name) is expected
+
+
+@pytest.mark.parametrize("name", ["forward", "val_nonsense", "lr", "val_youden_threshold"])
+def test_higher_is_better_refuses_names_without_a_direction(name):
+    with pytest.raises(ValueError, match="not a metric a trial logs|not a score"):
+        higher_is_better(name)
 
 
 def test_formula_helpers_scalar_and_array():

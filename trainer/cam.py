@@ -34,9 +34,20 @@ from torch import nn
 
 from .backbones import features_to_nchw
 
-__all__ = ["SCORES", "cam_from_parts", "grad_cam", "grad_cam_parts", "has_head_shortcut"]
+__all__ = [
+    "SCORES",
+    "cam_from_parts",
+    "check_cam_support",
+    "grad_cam",
+    "grad_cam_parts",
+    "grad_cams",
+    "has_head_shortcut",
+]
 
-_EPS = 1e-7
+# Min-max scaling divides by the CAM's range plus this share of its maximum: a CAM whose values
+# are all tiny (range 1e-8) still spans [0, 1], and a flat one is 0 (no fixed epsilon that
+# squashes small-valued CAMs: with 1e-7, a CAM of range 1e-8 peaked at 0.09).
+_REL_EPS = 1e-6
 SCORES = ("logit", "log_softmax")  # what Grad-CAM differentiates (``grad_cam(score=...)``)
 
 
@@ -104,13 +115,68 @@ def grad_cam_parts(
     with torch.enable_grad():
         if not feats.requires_grad:  # validation under no_grad: graph through the head only
             feats = feats.detach().requires_grad_(True)
-        if mlp is not None:
-            logits, weights = _conv_mlp_weights(model, mlp, head_w, feats, target, create_graph, score)
-        else:
-            logits, weights = _autograd_weights(model, feats, target, create_graph, score)
+        logits, weights = _channel_weights(model, mlp, head_w, feats, target, create_graph, score)
     with torch.set_grad_enabled(outer_grad):
         fmap = features_to_nchw(model, feats)  # (B, C, h, w)
     return logits, fmap, weights
+
+
+@torch.no_grad()
+def grad_cams(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: list[torch.Tensor | str],
+    *,
+    score: Literal["logit", "log_softmax"] = "logit",
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits ``(B, K)`` and one Grad-CAM ``(B, 1, H, W)`` per target, from one forward pass of the
+    features (evaluation: no graph is kept). Each extra target costs a pass through the head only.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    mlp = _conv_mlp_head(model)
+    feats = model.forward_features(images).detach()
+    cams, logits = [], None
+    with torch.enable_grad():
+        feats.requires_grad_(True)
+        for target in targets:
+            head_w = _conv_mlp_weight_views(mlp) if mlp is not None else None
+            logits, weights = _channel_weights(model, mlp, head_w, feats, target, False, score)
+            cams.append(
+                cam_from_parts(features_to_nchw(model, feats.detach()), weights.detach(), images.shape[-2:])
+            )
+    return logits.detach(), cams
+
+
+def check_cam_support(model: nn.Module, size: int, name: str) -> None:
+    """Refuse a backbone whose Grad-CAM is all zero by construction (an attention loss on it would
+    train nothing): a head that reads a class token only gives the patch tokens no gradient."""
+    from .backbones import BackboneError
+
+    was_training = model.training
+    param = next(model.parameters())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(
+        param.device, param.dtype
+    )
+    try:
+        with torch.no_grad():
+            _, _, weights = grad_cam_parts(model.eval(), x, "predicted")
+    finally:
+        model.train(was_training)
+    if not torch.count_nonzero(weights):
+        raise BackboneError(
+            f"model.backbone {name!r}: the logits' gradient at its last feature map is 0 (a head that reads "
+            "a class token only), so its Grad-CAM is all zero and an attention loss would train nothing. "
+            "Use attention.lambda: 1 (plain cross-entropy), or a backbone that pools its patch tokens "
+            "(for a timm ViT, global_pool='avg')"
+        )
+
+
+def _channel_weights(model, mlp, head_w, feats, target, create_graph: bool, score: str):
+    """Logits and the CAM's channel weights: the head's shortcut where one exists, else autograd."""
+    if mlp is not None:
+        return _conv_mlp_weights(model, mlp, head_w, feats, target, create_graph, score)
+    return _autograd_weights(model, feats, target, create_graph, score)
 
 
 def cam_from_parts(fmap: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -121,7 +187,8 @@ def cam_from_parts(fmap: torch.Tensor, weights: torch.Tensor, size: tuple[int, i
     cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
     lo = cam.amin(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
     hi = cam.amax(dim=(2, 3), keepdim=True)
-    return (cam - lo) / (hi - lo + _EPS)  # (B, 1, H, W) in [0, 1]
+    eps = _REL_EPS * hi + torch.finfo(cam.dtype).tiny  # scale-aware: see _REL_EPS
+    return (cam - lo) / (hi - lo + eps)  # (B, 1, H, W) in [0, 1]
 
 
 def _target_score(logits: torch.Tensor, target: torch.Tensor | str, score: str = "logit") -> torch.Tensor:

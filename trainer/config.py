@@ -26,6 +26,8 @@ from pydantic import (
 
 from .dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping
 from .errors import ConfigError
+from .metrics.names import check_metric, higher_is_better, logged_names
+from .presets import apply_preset
 from .priors import DEFAULT_PRIORS, RegionPrior, create_prior
 from .schedules import FIXED, create_schedule, resolve_schedule, schedule_names, schedule_parameters
 from .tasks import TASKS, classes_for
@@ -90,7 +92,18 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay.")
     plateau_factor: float = Field(0.1, gt=0.0, lt=1.0, description="ReduceLROnPlateau factor.")
     plateau_patience: int = Field(10, ge=0, description="ReduceLROnPlateau patience (epochs).")
+    plateau_on: Literal["selection", "val_loss"] = Field(
+        "selection",
+        description="What ReduceLROnPlateau watches: the selection metric (in its direction), or the "
+        "validation loss λ·CE + (1−λ)·L_att (min; the authors').",
+    )
+    plateau_min_lr: float = Field(0.0, ge=0.0, description="ReduceLROnPlateau min_lr (the authors': 1e-10).")
     early_stop_patience: int = Field(30, ge=1, description="Stop after this many epochs without improvement.")
+    early_stop: Literal["consecutive", "total"] = Field(
+        "consecutive",
+        description="Count non-improving epochs in a row (reset on improvement) or in total (never reset: "
+        "the authors').",
+    )
     selection_metric: str = Field(
         "val_f1_macro", description="Validation metric that selects the best epoch (never a test metric)."
     )
@@ -113,6 +126,8 @@ class TrainConfig(_Strict):
                 f"selection_metric must be a validation metric (val_*), got {v!r}: "
                 "test data is never used to choose"
             )
+        check_metric(v, logged_names("val_"), "a validation metric a trial logs")
+        higher_is_better(v)  # a score, with a direction to select on
         return v
 
     @field_validator("device")
@@ -141,6 +156,12 @@ class AttentionConfig(_Strict):
     tau: float = Field(0.05, gt=0.0, description="Temperature τ of the soft threshold (mode soft).")
     cam_target: Literal["predicted", "label"] = Field(
         "predicted", description="Class whose Grad-CAM is steered: the predicted class (paper) or the label."
+    )
+    cam_pass: Literal["train", "eval"] = Field(
+        "train",
+        description="Where the training CAM comes from: the training forward pass itself (one forward; "
+        "BatchNorm batch statistics, dropout on) or a second pass in eval mode (running statistics, no "
+        "dropout: the authors'; one more forward, and its backward for a differentiable mode).",
     )
     cam_score: Literal["logit", "log_softmax"] = Field(
         "logit",
@@ -232,6 +253,13 @@ class AttentionConfig(_Strict):
         return v
 
     @property
+    def loss_mode(self):
+        """The :class:`~trainer.attention_loss.LossMode` that ``mode`` names."""
+        from .attention_loss import create_loss_mode
+
+        return create_loss_mode(self.mode)
+
+    @property
     def uses_attention(self) -> bool:
         """False when λ is fixed at 1: the step is plain cross-entropy and no CAM is needed."""
         return self.lambda_ != 1.0
@@ -244,6 +272,9 @@ class AttentionConfig(_Strict):
 
 
 class TrialConfig(_Strict):
+    preset: str | None = Field(
+        None, description="A named set of defaults under this config (trainer/presets.py): paper."
+    )
     name: str = Field("trial", min_length=1, description="Trial name (run name in MLflow).")
     output_dir: Path = Field(Path("runs/trial"), description="Where checkpoints and artifacts go.")
     data: DataConfig
@@ -251,12 +282,29 @@ class TrialConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return apply_preset(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _a_step_that_trains(self) -> TrialConfig:
+        if self.attention.uses_attention and not self.attention.loss_mode.differentiable:
+            zero = [e for e in range(self.train.epochs) if self.attention.lambda_at(e) == 0.0]
+            if zero:
+                raise ValueError(
+                    f"attention.lambda: λ reaches 0 at epoch {zero[0]} with mode {self.attention.mode!r}, "
+                    "whose attention term has no gradient: those epochs would train nothing (use a "
+                    "differentiable mode, soft or energy, or keep λ > 0)"
+                )
+        return self
+
     @model_validator(mode="after")
     def _priors_cover_task(self) -> TrialConfig:
         missing = [c for c in self.data.classes[1:] if c not in self.attention.priors]
         if missing and self.attention.uses_attention:
             raise ValueError(
-                f"attention.priors has no region prior for {missing}; "
+                f"attention.priors: no region prior for {missing}; "
                 f"priors given for: {sorted(self.attention.priors)}"
             )
         return self

@@ -71,9 +71,9 @@ def format_validation_error(e: ValidationError, source: str, what: str = "trial 
     """One line per problem, each naming the field (``a.b.c``); unknown keys said plainly."""
     lines = [f"{source}: invalid {what}"]
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")  # a check of several fields names them
     return "\n".join(lines)

@@ -13,17 +13,17 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import cam
-from .attention_loss import attention_loss, attention_term, create_loss_mode, select_attention_term
+from .attention_loss import select_attention_term
 from .backbones import check_input_size, create_backbone
+from .cam import check_cam_support
 from .checkpoint import (
     BEST_FILE,
     CheckpointMismatchError,
@@ -34,20 +34,22 @@ from .checkpoint import (
     model_payload,
     save_checkpoint,
 )
-from .config import AttentionConfig, ConfigError, TrialConfig, load_config
+from .config import ConfigError, TrialConfig, load_config
 from .data.cache import SHAREABLE_ACCESS, Cache, CacheDataset, collate_batch, open_cache
+from .data.splits import SPLITS
 from .data.transforms import BatchTransform
-from .metrics import LocalizationScores, compute_metrics, evaluation_metric_names, higher_is_better
-from .priors import prior_table, region_masks
+from .epoch import evaluate, train_epoch
+from .metrics import check_metric, higher_is_better, logged_names
+from .priors import prior_table
 
 __all__ = [
     "CheckpointMismatchError",
     "TrialDiverged",
     "amp_dtype",
+    "plateau_scheduler",
     "resolve_device",
     "run_trial",
     "split_loader",
-    "training_step",
 ]
 
 Report = Callable[[dict[str, float], int, Path], None]
@@ -80,10 +82,11 @@ def run_trial(
     size = cfg.model.image_size or cache.size
     selection = cfg.train.selection_metric
     val_idx = cache.split_indices("val")
-    valid = [f"val_{n}" for n in evaluation_metric_names(bool(cache.lesion_known[val_idx].any()))]
-    if selection not in valid:
-        raise ConfigError(f"train.selection_metric: {selection!r} is not logged; valid: {', '.join(valid)}")
-    sign = 1.0 if higher_is_better(selection) else -1.0
+    try:
+        check_metric(selection, logged_names("val_", bool(cache.lesion_known[val_idx].any())))
+        sign = 1.0 if higher_is_better(selection) else -1.0
+    except ConfigError as e:
+        raise ConfigError(f"train.selection_metric: {e}") from None
 
     _seed_all(cfg.train.seed)
     model = create_backbone(
@@ -93,19 +96,16 @@ def run_trial(
         drop_rate=cfg.model.drop_rate,
     ).to(device)
     check_input_size(model, size, cfg.model.backbone)
+    if cfg.attention.uses_attention:
+        check_cam_support(model, size, cfg.model.backbone)
     use_cl = cfg.train.channels_last and device.type == "cuda"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
 
-    loaders = {s: split_loader(cache, s, cfg, device) for s in ("train", "val", "test")}
+    loaders = {s: split_loader(cache, s, cfg, device) for s in SPLITS}
     prep = BatchTransform(device, size=size, augment=cfg.data.augment, channels_last=use_cl)
     optimizer = _optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer,
-        mode="max" if sign > 0 else "min",
-        factor=cfg.train.plateau_factor,
-        patience=cfg.train.plateau_patience,
-    )
+    scheduler, plateau_on = plateau_scheduler(cfg, optimizer)
     amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     table = prior_table(cfg.data.classes, cfg.attention.priors).to(device)
@@ -123,13 +123,20 @@ def run_trial(
         t0 = time.perf_counter()
         _seed_all(cfg.train.seed * 100_003 + epoch)  # order, augmentation, dropout: f(seed, epoch)
         lam = cfg.attention.lambda_at(epoch)
-        train_stats = _train_epoch(
+        train_stats = train_epoch(
             model, loaders["train"], prep, optimizer, scaler, cfg, lam, table, amp, term
         )
         t_train = time.perf_counter() - t0  # the epoch's stats are on the host: the device is done
         if not math.isfinite(train_stats["loss"]):
             raise TrialDiverged(f"trial {cfg.name}: non-finite training loss at epoch {epoch} (λ={lam:g})")
-        val = _evaluate(model, loaders["val"], prep, cfg, table, amp)
+        if train_stats.get("cam_zero_fraction") == 1.0:
+            warnings.warn(
+                f"trial {cfg.name}: every training CAM of epoch {epoch} was all zero: the attention term "
+                "did nothing (see the trial's train_cam_zero_fraction)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        val = evaluate(model, loaders["val"], prep, cfg, table, amp, lam)
         t_val = time.perf_counter() - t0 - t_train
         metrics: dict[str, float] = {
             "epoch": float(epoch),
@@ -139,10 +146,12 @@ def run_trial(
             **{f"val_{k}": v for k, v in val["metrics"].items()},
         }
         score = metrics[selection]
-        scheduler.step(score)
+        scheduler.step(metrics[plateau_on])
         first = progress.best_epoch < 0
         if first or (math.isfinite(score) and sign * score > sign * progress.best_score):
-            progress.best_score, progress.best_epoch, progress.stale_epochs = score, epoch, 0
+            progress.best_score, progress.best_epoch = score, epoch
+            if cfg.train.early_stop == "consecutive":  # "total" (the authors') never resets the count
+                progress.stale_epochs = 0
             atomic_save(model_payload(model, cfg, size, epoch, metrics), ckpt_dir / BEST_FILE)
         else:
             progress.stale_epochs += 1
@@ -151,15 +160,15 @@ def run_trial(
         progress.history.append(metrics)
         progress.next_epoch = epoch + 1
         save_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler, progress, cfg)
-        if report is not None:
-            report(dict(metrics), epoch, ckpt_dir)
+        if report is not None:  # with the best epoch so far: the trial's rule is the one that picks it
+            report({**metrics, **_best_so_far(progress)}, epoch, ckpt_dir)
         if progress.stale_epochs >= cfg.train.early_stop_patience:
             break
 
     best = torch.load(ckpt_dir / BEST_FILE, map_location=device, weights_only=False)
     model.load_state_dict(best["state_dict"])
-    test = _evaluate(model, loaders["test"], prep, cfg, table, amp, keep_examples=16)
-    best_row = next(h for h in progress.history if int(h["epoch"]) == progress.best_epoch)
+    best_row = _best_row(progress)
+    test = evaluate(model, loaders["test"], prep, cfg, table, amp, best_row["lambda"], keep_examples=16)
     result: dict[str, Any] = {
         "name": cfg.name,
         "best_epoch": progress.best_epoch,
@@ -179,6 +188,19 @@ def run_trial(
 
 
 # ---- helpers --------------------------------------------------------------------------------------
+def _best_row(progress: Progress) -> dict[str, float]:
+    return next(h for h in progress.history if int(h["epoch"]) == progress.best_epoch)
+
+
+def _best_so_far(progress: Progress) -> dict[str, float]:
+    """``best_epoch`` and the ``best_val_*`` of the best epoch so far, as the trial selects it."""
+    row = _best_row(progress)
+    return {
+        "best_epoch": progress.best_epoch,
+        **{f"best_{k}": v for k, v in row.items() if k.startswith("val_")},
+    }
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → the first visible CUDA device when CUDA exists, else the CPU."""
     if name == "auto":
@@ -233,121 +255,24 @@ def _optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
 
 
+def plateau_scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer):
+    """ReduceLROnPlateau on ``train.plateau_on`` in its direction; returns it and the metric it watches."""
+    watched = "val_loss" if cfg.train.plateau_on == "val_loss" else cfg.train.selection_metric
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="max" if higher_is_better(watched) else "min",
+        factor=cfg.train.plateau_factor,
+        patience=cfg.train.plateau_patience,
+        min_lr=cfg.train.plateau_min_lr,
+    )
+    return scheduler, watched
+
+
 def amp_dtype(cfg: TrialConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a trial: bf16 (fp16 where bf16 is missing) on CUDA with ``train.amp``."""
     if not cfg.train.amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def training_step(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    box: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    att: AttentionConfig,
-    lam: float,
-    table: torch.Tensor,
-    amp: torch.dtype | None = None,
-    term: Callable[..., torch.Tensor] = attention_term,
-) -> tuple[torch.Tensor, ...]:
-    """One optimisation step of ``λ·CE + (1−λ)·L_att``; returns detached loss, CE, L_att, logits.
-
-    At λ = 1 the step is plain cross-entropy (no CAM). Otherwise the CAM's parts come from the
-    same forward pass (:func:`~trainer.cam.grad_cam_parts`) and ``term`` turns them into L_att:
-    :func:`~trainer.attention_loss.attention_term`, or its compiled twin
-    (:func:`~trainer.attention_loss.select_attention_term`). A loss mode without a gradient
-    (``paper``) builds no double-backward graph.
-    """
-    dev = x.device
-    with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        if att.uses_attention and lam < 1.0:
-            target = y if att.cam_target == "label" else "predicted"
-            differentiable = create_loss_mode(att.mode).differentiable
-            logits, fmap, weights = cam.grad_cam_parts(
-                model, x, target, create_graph=differentiable, score=att.cam_score
-            )  # (B, K), (B, C, h, w), (B, C)
-            l_att = term(fmap, weights, box, y, table, tuple(x.shape[-2:]), att.mode, att.threshold, att.tau)
-        else:
-            logits = model(x)  # (B, K)
-            l_att = torch.zeros((), device=dev)
-    ce = F.cross_entropy(logits.float(), y)
-    loss = lam * ce + (1.0 - lam) * l_att
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach(), ce.detach(), l_att.detach(), logits.detach()
-
-
-def _train_epoch(model, loader, prep, optimizer, scaler, cfg: TrialConfig, lam: float, table, amp, term):
-    model.train()
-    loader.generator.manual_seed(torch.initial_seed())  # seeded per epoch by the caller: resumable order
-    sums = torch.zeros(4, device=prep.device)  # loss, ce, attention, correct
-    n = 0
-    for raw in loader:
-        b = prep(raw, train=True)
-        y = b["label"]  # (B,)
-        loss, ce, l_att, logits = training_step(
-            model, b["image"], y, b["box"], optimizer, scaler, cfg.attention, lam, table, amp, term
-        )
-        bs = y.shape[0]
-        n += bs
-        sums += torch.stack([loss * bs, ce * bs, l_att * bs, (logits.argmax(1) == y).sum().float()])
-    loss, ce, l_att, correct = (sums / max(n, 1)).tolist()
-    return {"loss": loss, "ce": ce, "attention_loss": l_att, "accuracy": correct}
-
-
-@torch.no_grad()
-def _evaluate(model, loader, prep, cfg: TrialConfig, table, amp, keep_examples: int = 0) -> dict[str, Any]:
-    """Metrics of §5 plus CE, attention loss and localization scores; CAMs target the true label."""
-    model.eval()
-    att = cfg.attention
-    probs, labels = [], []
-    # Sums stay on the device (one transfer at the end, no host sync per batch).
-    losses = torch.zeros(2, dtype=torch.float64, device=prep.device)  # CE, L_att
-    where = LocalizationScores(prep.device)
-    examples: dict[str, list[torch.Tensor]] = {"image": [], "cam": [], "label": [], "pred": []}
-    kept = 0
-    for raw in loader:
-        b = prep(raw, train=False)
-        x, y = b["image"], b["label"]
-        with torch.autocast(prep.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits, c = cam.grad_cam(model, x, y, score=att.cam_score)  # head-only graph under no_grad
-        logits, c = logits.float(), c.float()
-        region = region_masks(b["box"], y, table, x.shape[-2:])
-        l_att = attention_loss(c, region, y, att.mode, att.threshold, att.tau)
-        losses += torch.stack(
-            [F.cross_entropy(logits, y, reduction="sum").double(), l_att.double() * y.shape[0]]
-        )
-        if raw["lesion_known"].any():  # the loader's CPU copy: no device sync
-            where.update(c, region, y, b["lesion"], b["lesion_known"])
-        else:
-            where.update(c, region, y)
-        p = logits.softmax(1)
-        probs.append(p)
-        labels.append(y)
-        if kept < keep_examples:
-            take = keep_examples - kept
-            examples["image"].append(x[:take, :1].cpu())
-            examples["cam"].append(c[:take].cpu())
-            examples["label"].append(y[:take].cpu())
-            examples["pred"].append(p[:take].argmax(1).cpu())
-            kept += len(examples["label"][-1])
-    ce_sum, att_sum = losses.tolist()
-    y_prob = torch.cat(probs).double().cpu().numpy()
-    y_true = torch.cat(labels).cpu().numpy()
-    n = len(y_true)
-    m = compute_metrics(y_true, y_prob)
-    m["ce"] = ce_sum / n
-    m["attention_loss"] = att_sum / n
-    m.update(where.compute())
-    out: dict[str, Any] = {"metrics": m, "y_true": y_true, "y_prob": y_prob}
-    if kept:
-        out["examples"] = {k: torch.cat(v) for k, v in examples.items()}
-    return out
 
 
 def _write_artifacts(art_dir: Path, test: dict[str, Any], cfg: TrialConfig, cache: Cache) -> list[Path]:

@@ -21,6 +21,7 @@ from ray.tune import Callback
 
 from ..space import FINAL_KEY, SweepSpec, searched_values, trial_config_for
 from .runs import (
+    CAM_ZERO_TAG,
     MAX_ERROR,
     MODEL_URI_TAG,
     dataset_tags,
@@ -65,7 +66,6 @@ class MlflowSweepCallback(Callback):
         self.spec = spec
         self.client = MlflowClient(tracking_uri)
         self.runs: dict[str, str] = {}  # Ray trial id → MLflow run id
-        self.best: dict[str, dict[str, float]] = {}  # trial id → val metrics of its best epoch so far
         self.tagged: set[str] = set()
         self.logged_metrics = 0
         self.last_epoch: dict[str, int] = {}  # run id → last epoch logged (runs adopted on resume: lazily)
@@ -230,14 +230,8 @@ class MlflowSweepCallback(Callback):
         if epoch > self._last_epoch(run_id):  # after a driver crash Ray may re-run logged epochs
             self._log(run_id, metrics, epoch)
             self.last_epoch[run_id] = epoch
-        score = metrics.get(self.spec.metric)
-        prev = self.best.get(tid, {}).get(self.spec.metric)
-        sign = 1 if self.spec.mode == "max" else -1
-        if score is not None and (prev is None or sign * score > sign * prev):
-            self.best[tid] = {
-                **{k: v for k, v in metrics.items() if k.startswith("val_")},
-                "epoch": result["epoch"],
-            }
+        if result.get("train_cam_zero_fraction") == 1.0:
+            self.client.set_tag(run_id, CAM_ZERO_TAG, f"epoch {epoch}: every training CAM was all zero")
 
     def _trial_complete(self, trial) -> None:
         run_id = self._run_id(trial)
@@ -251,10 +245,9 @@ class MlflowSweepCallback(Callback):
             self._upload(run_id, trial, str(last.get("data_access", "private")))
             if trial.checkpoint is not None:  # the final checkpoint holds model.pt (best epoch)
                 self.client.set_tag(run_id, MODEL_URI_TAG, _checkpoint_file(trial.checkpoint, "model.pt"))
-        else:  # stopped early by the scheduler: no test evaluation
-            best = self.best.get(trial.trial_id, {})
-            summary = {f"best_{k}": v for k, v in best.items() if k.startswith("val_")}
-            summary["best_epoch"] = best.get("epoch", -1)
+        else:  # stopped early by the scheduler: no test evaluation; its best epoch so far, as it chose it
+            summary = {k: v for k, v in last.items() if k.startswith("best_val_")}
+            summary["best_epoch"] = last.get("best_epoch", -1)
             self._log(run_id, summary, 0)
             self.client.set_tag(run_id, "cxr.stopped_early", "true")
         self.client.set_terminated(run_id, "FINISHED")

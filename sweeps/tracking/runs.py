@@ -24,6 +24,7 @@ from trainer.config import TrialConfig
 from trainer.data.cache import SHAREABLE_ACCESS, read_header
 
 __all__ = [
+    "CAM_ZERO_TAG",
     "MAX_ERROR",
     "MODEL_URI_TAG",
     "TrialRun",
@@ -39,6 +40,7 @@ __all__ = [
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 MAX_ERROR = 4000  # characters of an error kept in the run's `error` tag
 MODEL_URI_TAG = "cxr.model_uri"  # where a finished trial's model.pt lies (read by `cxr-sweep export`)
+CAM_ZERO_TAG = "cxr.cam_all_zero"  # a training epoch whose CAMs were all zero: the attention term did nothing
 
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -157,6 +159,8 @@ class TrialRun:
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         log_metrics(self.client, self.run_id, metrics, step=epoch)
+        if metrics.get("train_cam_zero_fraction") == 1.0:
+            self.set_tags({CAM_ZERO_TAG: f"epoch {epoch}: every training CAM was all zero"})
 
     def log_result(self, result: dict[str, Any]) -> None:
         summary = {k: v for k, v in result.items() if k.startswith(("best_val_", "test_"))}

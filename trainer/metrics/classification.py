@@ -1,12 +1,6 @@
-"""Metrics of the CXR sweeps: classification (binary and multi-class) and localization.
-
-:func:`compute_metrics` turns integer labels and class probabilities into a flat
-``dict[str, float]`` holding every name in :data:`METRIC_NAMES` plus ``youden_threshold`` and
-``youden_index_optimal``. :class:`LocalizationScores` adds where the Grad-CAM points
-(:data:`LOCALIZATION_METRICS`, and the CAM share inside the prior region). The names every split
-logs are :func:`evaluation_metric_names`; how tables and reports label them is
-:data:`METRIC_LABELS`. Selection, reports and the command line read these lists: a new metric
-goes here and nowhere else.
+"""Classification metrics: :func:`compute_metrics` turns integer labels and class probabilities
+into every name of :data:`~trainer.metrics.names.METRIC_NAMES` plus ``youden_threshold`` and
+``youden_index_optimal``.
 
 Conventions (docs/metrics.md has them all): binary (C == 2): class 1 (the pathology) is positive,
 class 0 (No Finding) negative. Multi-class: sensitivity, specificity, PPV, NPV, FDR and FOR are
@@ -27,81 +21,7 @@ import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score, roc_curve
 
-__all__ = [
-    "LOCALIZATION_METRICS",
-    "METRIC_LABELS",
-    "METRIC_NAMES",
-    "LocalizationScores",
-    "cam_in_region",
-    "compute_metrics",
-    "discriminant_power",
-    "evaluation_metric_names",
-    "higher_is_better",
-    "metric_label",
-    "pointing_hits",
-    "pointing_tolerance",
-    "youden_index",
-]
-
-#: The 16 contract metric names (DESIGN.md §5), in reporting order.
-METRIC_NAMES: tuple[str, ...] = (
-    "accuracy",
-    "precision_macro",
-    "precision_weighted",
-    "recall_macro",
-    "recall_weighted",
-    "f1_macro",
-    "f1_weighted",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "fdr",
-    "for",
-    "youden_index",
-    "discriminant_power",
-)
-
-#: Where the Grad-CAM points, scored against ground-truth lesion masks (logged where they are known).
-LOCALIZATION_METRICS: tuple[str, ...] = ("pointing_game", "cam_in_region")
-
-#: Logged beside the contract metrics for validation and test: the Youden-optimal threshold and
-#: index, the loss's two parts, and the CAM share inside the prior region.
-_EXTRA_NAMES: tuple[str, ...] = (
-    "youden_threshold",
-    "youden_index_optimal",
-    "ce",
-    "attention_loss",
-    "cam_in_prior",
-)
-
-#: (report label, short table header) of every metric.
-METRIC_LABELS: dict[str, tuple[str, str]] = {
-    "accuracy": ("Accuracy", "acc"),
-    "precision_macro": ("Precision (macro)", "prec"),
-    "precision_weighted": ("Precision (weighted)", "prec w"),
-    "recall_macro": ("Recall (macro)", "recall"),
-    "recall_weighted": ("Recall (weighted)", "recall w"),
-    "f1_macro": ("F1 (macro)", "F1"),
-    "f1_weighted": ("F1 (weighted)", "F1 w"),
-    "auc": ("AUC", "AUC"),
-    "sensitivity": ("Sensitivity", "sens"),
-    "specificity": ("Specificity", "spec"),
-    "ppv": ("PPV", "PPV"),
-    "npv": ("NPV", "NPV"),
-    "fdr": ("FDR", "FDR"),
-    "for": ("FOR", "FOR"),
-    "youden_index": ("Youden's index", "YI"),
-    "discriminant_power": ("DP", "DP"),
-    "pointing_game": ("Pointing game", "pointing"),
-    "cam_in_region": ("CAM in lesion", "CAM in"),
-    "cam_in_prior": ("CAM in prior", "CAM prior"),
-}
-
-_LOWER_IS_BETTER = frozenset({"fdr", "for"})
-_CAM_EPS = 1e-7  # an all-zero CAM has no mass: its share anywhere is 0
-_SPLIT_PREFIXES = ("best_val_", "val_", "test_", "train_")
+__all__ = ["compute_metrics", "discriminant_power", "youden_index"]
 
 # sqrt(3) / pi: scales a log odds ratio to the discriminant-power scale.
 _DP_SCALE = math.sqrt(3.0) / math.pi
@@ -111,30 +31,6 @@ _CHANCE_AUC = 0.5
 _DEFAULT_THRESHOLD = 0.5
 # TPR - FPR values closer than this count as tied (guards against float rounding in roc_curve).
 _TIE_TOLERANCE = 1e-12
-
-
-def higher_is_better(name: str) -> bool:
-    """Whether a larger value of metric ``name`` is better.
-
-    One leading split prefix (``best_val_``, ``val_``, ``test_``, ``train_``) is stripped first.
-    False for ``fdr``, ``for`` and any name ending in ``loss``; True otherwise.
-    """
-    for prefix in _SPLIT_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    return not (name in _LOWER_IS_BETTER or name.endswith("loss"))
-
-
-def evaluation_metric_names(lesions_known: bool) -> list[str]:
-    """The names a validation or test pass logs (no prefix); localization ones need lesion masks."""
-    return [*METRIC_NAMES, *_EXTRA_NAMES, *(LOCALIZATION_METRICS if lesions_known else ())]
-
-
-def metric_label(name: str, short: bool = False) -> str:
-    """How a report (``short=False``) or a table header names metric ``name``."""
-    labels = METRIC_LABELS.get(name)
-    return name if labels is None else labels[short]
 
 
 def youden_index(sensitivity: Any, specificity: Any) -> Any:
@@ -374,75 +270,3 @@ def compute_metrics(y_true: Any, y_prob: Any) -> dict[str, float]:
         "youden_index_optimal": youden_optimal,
     }
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# localization (torch tensors; torch is imported only where these run)
-
-
-def cam_in_region(cam: Any, mask: Any) -> Any:
-    """Share of CAM mass inside ``mask`` per image ``(B,)``; 0 where the CAM is empty."""
-    mass = cam.sum(dim=(1, 2, 3))  # (B,)
-    inside = (cam * mask).sum(dim=(1, 2, 3))
-    return inside / mass.clamp_min(_CAM_EPS)
-
-
-def pointing_hits(cam: Any, mask: Any, tolerance: int = 0) -> Any:
-    """Pointing game per image ``(B,)`` bool: does the CAM's maximum fall inside ``mask``?
-
-    ``tolerance`` pixels around the mask count as inside, as in the original pointing game
-    (Zhang et al. 2016: 15 px at 224 px; :func:`pointing_tolerance` scales that to other sizes).
-    """
-    import torch.nn.functional as F
-
-    b = cam.shape[0]
-    if tolerance > 0:
-        mask = F.max_pool2d(mask.float(), kernel_size=2 * tolerance + 1, stride=1, padding=tolerance)
-    idx = cam.reshape(b, -1).argmax(dim=1)  # (B,)
-    return mask.reshape(b, -1).gather(1, idx[:, None]).squeeze(1) > 0
-
-
-def pointing_tolerance(size: int) -> int:
-    """The pointing game's 15 px tolerance at 224 px, scaled to ``size``."""
-    return round(15 * size / 224)
-
-
-class LocalizationScores:
-    """Localization scores summed over evaluation batches, on the device (no host sync per batch).
-
-    ``cam_in_prior``: CAM share inside the prior region, over pathology images that have one.
-    Where lesion masks are ground truth (``update(..., lesion=, lesion_known=)``): the pointing
-    game and the CAM share inside the lesion (:data:`LOCALIZATION_METRICS`), over pathology
-    images with a non-empty lesion mask.
-    """
-
-    def __init__(self, device: Any) -> None:
-        import torch
-
-        self._sums = torch.zeros(5, dtype=torch.float64, device=device)  # prior share, n, hits, share, n
-
-    def update(
-        self, cam: Any, region: Any, labels: Any, lesion: Any = None, lesion_known: Any = None
-    ) -> None:
-        """Add a batch: ``cam``, ``region``, ``lesion`` (B, 1, H, W); ``labels``, ``lesion_known`` (B,)."""
-        import torch
-
-        zero = torch.zeros((), dtype=torch.float64, device=cam.device)
-        pos = (labels != 0) & (region.sum(dim=(1, 2, 3)) > 0)  # (B,)
-        share = torch.where(pos, cam_in_region(cam, region).double(), zero).sum()
-        self._sums[:2] += torch.stack([share, pos.sum().double()])
-        if lesion is not None:
-            known = lesion_known & (labels != 0) & (lesion.sum(dim=(1, 2, 3)) > 0)  # (B,)
-            hits = pointing_hits(cam, lesion, pointing_tolerance(cam.shape[-1]))
-            share = torch.where(known, cam_in_region(cam, lesion).double(), zero).sum()
-            self._sums[2:] += torch.stack(
-                [torch.where(known, hits.double(), zero).sum(), share, known.sum().double()]
-            )
-
-    def compute(self) -> dict[str, float]:
-        prior_share, prior_n, hits, lesion_share, lesion_n = self._sums.tolist()
-        out = {"cam_in_prior": prior_share / prior_n if prior_n else 0.0}
-        if lesion_n:
-            out["pointing_game"] = hits / lesion_n
-            out["cam_in_region"] = lesion_share / lesion_n
-        return out
