@@ -384,3 +384,25 @@ def test_threshold_and_tau_are_drawn_only_for_the_mode_that_reads_them(tmp_path)
         ConfigError, match="params.attention.tau: no loss mode this sweep runs \\(energy\\) reads"
     ):
         load_sweep(only_tau, overrides=["trial.attention.mode=energy"])
+
+
+def test_a_localization_metric_needs_lesion_masks_in_the_validation_split(tmp_path):
+    from sweeps.driver.preflight import check_sweep
+    from sweeps.space import load_sweep
+    from trainer.data.cache import write_cache
+
+    labels = ["No Finding", "Effusion"] * 6
+    rows = [
+        {"image_id": f"i{i}", "patient_id": f"p{i}", "label": c, "split": ("train", "val", "test")[i % 3],
+         "source_path": f"i{i}.png"}
+        for i, c in enumerate(labels)
+    ]  # fmt: skip
+    images = np.zeros((len(rows), 32, 32), np.uint8)
+    cache = write_cache(
+        tmp_path / "cache", images=images, lung_masks=images + 1, manifest=rows, task="ne", source="test",
+        classes=["No Finding", "Effusion"], segmenter="none", data_access="synthetic",
+    )  # fmt: skip
+    sets = [f"trial.data.cache={cache}", f"storage_path={tmp_path / 'sweeps'}"]
+    spec, _ = load_sweep(_space(tmp_path, metric="val_pointing_game"), overrides=sets)
+    with pytest.raises(ConfigError, match="no lesion masks in its validation split"):
+        check_sweep(spec, None)

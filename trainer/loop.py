@@ -39,6 +39,7 @@ from .data.cache import SHAREABLE_ACCESS, Cache, CacheDataset, collate_batch, op
 from .data.splits import SPLITS
 from .data.transforms import BatchTransform
 from .epoch import evaluate, train_epoch
+from .errors import UserError
 from .metrics import check_metric, higher_is_better, logged_names
 from .priors import prior_table
 
@@ -82,11 +83,11 @@ def run_trial(
     size = cfg.model.image_size or cache.size
     selection = cfg.train.selection_metric
     val_idx = cache.split_indices("val")
-    try:
+    try:  # the config checked the name; here, whether this cache lets a trial log it
         check_metric(selection, logged_names("val_", bool(cache.lesion_known[val_idx].any())))
         sign = 1.0 if higher_is_better(selection) else -1.0
-    except ConfigError as e:
-        raise ConfigError(f"train.selection_metric: {e}") from None
+    except UserError as e:
+        raise ConfigError(f"train.selection_metric: {e} (in {cache.path})") from None
 
     _seed_all(cfg.train.seed)
     model = create_backbone(

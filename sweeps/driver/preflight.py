@@ -15,7 +15,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from trainer.data.cache import open_cache
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
+from trainer.metrics.names import check_metric, logged_names
 from trainer.tasks import classes_for
 
 from ..space import SweepSpec
@@ -30,7 +31,14 @@ def check_sweep(spec: SweepSpec, address: str | None) -> str:
     uri = resolve_tracking_uri(spec=spec)
     check_tracking(uri)
     check_ray_address(address)
-    open_cache(spec.trial["data"]["cache"], classes=classes_for(spec.trial["data"]["task"]), verify=False)
+    cache = open_cache(
+        spec.trial["data"]["cache"], classes=classes_for(spec.trial["data"]["task"]), verify=False
+    )
+    lesions = bool(cache.lesion_known[cache.split_indices("val")].any())
+    try:  # localization scores need lesion masks in the validation split
+        check_metric(spec.metric, logged_names("val_", lesions), "a validation metric this cache gives")
+    except UserError as e:
+        raise ConfigError(f"metric: {e}; {cache.path} has no lesion masks in its validation split") from None
     return uri
 
 
