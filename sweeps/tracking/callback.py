@@ -25,6 +25,7 @@ from .runs import (
     MAX_ERROR,
     MODEL_URI_TAG,
     dataset_tags,
+    finite_metrics,
     log_metrics,
     log_params,
     log_plots,
@@ -129,8 +130,13 @@ class MlflowSweepCallback(Callback):
             self.last_epoch[run_id] = max((m.step for m in history), default=-1)
         return self.last_epoch[run_id]
 
-    def _log(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        self.logged_metrics += log_metrics(self.client, run_id, metrics, step)
+    def _log(self, run_id: str, metrics: dict[str, float], step: int, *, stored: bool = False) -> None:
+        """Log ``metrics`` unless ``stored`` (a replayed write that had landed before the store went
+        away); either way they count in ``logged_metrics``: this sweep's values that are in the store."""
+        if stored:
+            self.logged_metrics += len(finite_metrics(metrics))
+        else:
+            self.logged_metrics += log_metrics(self.client, run_id, metrics, step)
 
     # -- Tune hooks -----------------------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -227,28 +233,32 @@ class MlflowSweepCallback(Callback):
             if (k.startswith(_EPOCH_PREFIXES) or k in _EPOCH_KEYS) and isinstance(v, int | float)
         }
         epoch = int(result.get("epoch", result.get("epochs_done", 1) - 1))
-        if epoch > self._last_epoch(run_id):  # after a driver crash Ray may re-run logged epochs
-            self._log(run_id, metrics, epoch)
-            self.last_epoch[run_id] = epoch
+        # after a driver crash Ray may re-run logged epochs; a replay may find its epoch stored
+        self._log(run_id, metrics, epoch, stored=epoch <= self._last_epoch(run_id))
+        self.last_epoch[run_id] = max(epoch, self._last_epoch(run_id))
         if result.get("train_cam_zero_fraction") == 1.0:
             self.client.set_tag(run_id, CAM_ZERO_TAG, f"epoch {epoch}: every training CAM was all zero")
 
     def _trial_complete(self, trial) -> None:
         run_id = self._run_id(trial)
-        if self.client.get_run(run_id).info.status == "FINISHED":
+        run = self.client.get_run(run_id)
+        if run.info.status == "FINISHED":
             return  # a finished trial that Ray restored after a driver crash: its run is complete
+        # a replay after the store went away mid-request: the summary may be stored already (one batch,
+        # all or nothing); logging it again would double every value in the run's history
+        stored = "best_epoch" in run.data.metrics
         last = trial.last_result or {}
         if last.get(FINAL_KEY):
             summary = {k: v for k, v in last.items() if k.startswith(("best_val_", "test_"))}
             summary.update(best_epoch=last.get("best_epoch", -1), epochs_run=last.get("epochs_run", 0))
-            self._log(run_id, summary, 0)
+            self._log(run_id, summary, 0, stored=stored)
             self._upload(run_id, trial, str(last.get("data_access", "private")))
             if trial.checkpoint is not None:  # the final checkpoint holds model.pt (best epoch)
                 self.client.set_tag(run_id, MODEL_URI_TAG, _checkpoint_file(trial.checkpoint, "model.pt"))
         else:  # stopped early by the scheduler: no test evaluation; its best epoch so far, as it chose it
             summary = {k: v for k, v in last.items() if k.startswith("best_val_")}
             summary["best_epoch"] = last.get("best_epoch", -1)
-            self._log(run_id, summary, 0)
+            self._log(run_id, summary, 0, stored=stored)
             self.client.set_tag(run_id, "cxr.stopped_early", "true")
         self.client.set_terminated(run_id, "FINISHED")
 

@@ -96,14 +96,19 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
         client.log_batch(run_id, params=items[i : i + _BATCH])
 
 
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` MLflow can store: finite numbers (not booleans), as floats."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> int:
     """Log the finite numeric entries of ``metrics`` at ``step``; return how many were logged."""
     now = int(time.time() * 1000)
-    items = [
-        Metric(k, float(v), now, step)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-    ]
+    items = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
     for i in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[i : i + 1000])
     return len(items)
