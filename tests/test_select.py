@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
 from sweeps.cli import app
@@ -38,7 +37,7 @@ def test_best_selects_on_validation_even_when_another_run_is_best_on_test(crafte
     assert best_on_test["run_id"] == crafted.runs["r50_half_b"] != rows[0]["run_id"]
     assert rows[0]["selection_metric"] == "best_val_f1_macro" and rows[0]["rank"] == 1
     assert rows[0]["metrics"] == crafted.metrics["vgg_one"]  # exactly what was logged
-    assert rows[0]["searched"] == {"attention.lambda": "1.0", "attention.threshold": "0.5"}
+    assert rows[0]["searched"] == {"attention.lambda": 1.0, "attention.threshold": 0.5}  # numbers
 
 
 def test_ties_break_by_trial_id_whatever_the_order_runs_come_in(crafted):
@@ -77,20 +76,23 @@ def test_filter_narrows_the_runs(crafted):
 
 
 def test_table_shows_test_metrics_with_localization_next_to_f1(crafted):
-    result = _best(crafted, "--top", "2")
+    result = _best(crafted, "--top", "2")  # piped: plain columns, a header line and one line a row
     assert result.exit_code == 0, result.output
-    header = next(line for line in result.output.splitlines() if "best_val_f1_macro" in line and "┃" in line)
-    for col in ("F1", "pointing", "CAM in", "YI", "DP", "sens", "spec"):
+    lines = result.output.splitlines()
+    assert "by best_val_f1_macro (validation)" in lines[0]
+    header = next(line for line in lines if "val F1" in line and line.startswith("#"))
+    for col in (" F1", "pointing", "CAM in", "YI", "DP", "sens", "spec", "params", "run"):
         assert col in header, col
-    assert header.index("F1") < header.index("pointing") < header.index("CAM in") < header.index("acc")
+    assert header.index(" F1 ") < header.index("pointing") < header.index("CAM in") < header.index("acc")
+    assert header.index("val F1") < header.index(" F1 ") < header.index("params")
     assert f"{crafted.metrics['vgg_one']['test_youden_index']:.3f}" in result.output
+    assert len(lines) == 2 + 2 + 1  # title, header, 2 rows, caption: nothing wrapped or cut
     found = find_runs([crafted.experiment], tracking_uri=crafted.uri)
     for r in found.runs:  # as if no run had lesion masks
         r.metrics = {k: v for k, v in r.metrics.items() if not k.endswith(("pointing_game", "cam_in_region"))}
-    console = Console(width=250, record=True)
-    console.print(best_table(rank_runs(found.runs, "f1_macro"), "best_val_f1_macro", found))
-    text = console.export_text()
-    assert "pointing" not in text and "CAM in" not in text and "YI" in text
+    _, columns, _, _ = best_table(rank_runs(found.runs, "f1_macro"), "best_val_f1_macro", found)
+    names = [c.name for c in columns]
+    assert "pointing" not in names and "CAM in" not in names and "YI" in names
 
 
 @pytest.mark.parametrize(

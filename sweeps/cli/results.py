@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from .common import console, fail, short, user_errors
+from .common import TableColumn, console, fail, param_lines, print_table, user_errors
 
 __all__ = ["best_table", "register"]
 
@@ -89,36 +88,34 @@ def best(
         rows = [{"rank": i + 1, "selection_metric": key, **r.to_dict()} for i, r in enumerate(ranked)]
         typer.echo(json.dumps(rows, indent=2))
         return
-    console.print(best_table(ranked, key, found))
+    title, columns, rows, caption = best_table(ranked, key, found)
+    print_table(title, columns, rows, caption)
 
 
-def best_table(ranked, key: str, found) -> Table:
-    """The ``best`` table: rank, run, trial, searched values, the selection metric, test metrics."""
+def best_table(ranked, key: str, found) -> tuple[str, list[TableColumn], list[list[str]], str]:
+    """The ``best`` table as (title, columns, rows, caption): rank, trial, the selection metric,
+    test metrics (F1 and localization first), the searched values, the run id."""
     from trainer.metrics import metric_label
 
     from ..results.select import localization_logged
 
     shown = ["f1_macro", *localization_logged(ranked)]
     shown += ["accuracy", "auc", "sensitivity", "specificity", "youden_index", "discriminant_power"]
-    table = Table(
-        title=f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); "
-        "test metrics right of it",
-        caption=f"tracking store: {found.tracking_uri}",
-    )
-    table.add_column("#", justify="right")
-    table.add_column("run")
-    table.add_column("trial")
-    table.add_column("params")
-    table.add_column(key, justify="right", style="bold")
-    for m in shown:
-        table.add_column(metric_label(m, short=True), justify="right")
+    several = len({r.sweep for r in ranked}) > 1
+    # on a narrow terminal the least read go first: run id, then accuracy, spec, sens, AUC, ...
+    drop = {"f1_macro": 0, "youden_index": 2, "discriminant_power": 3, "auc": 4, "sensitivity": 5}
+    drop.update(specificity=6, accuracy=7, pointing_game=1, cam_in_region=2)
+    columns = [TableColumn("#", "right"), *([TableColumn("sweep")] if several else []), TableColumn("trial")]
+    columns += [TableColumn(f"val {metric_label(key.removeprefix('best_val_'), short=True)}", "right")]
+    columns += [TableColumn(metric_label(m, short=True), "right", drop.get(m, 3)) for m in shown]
+    columns += [TableColumn("params"), TableColumn("run", drop=8)]
+    rows = []
     for i, r in enumerate(ranked):
-        params = ", ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in r.searched.items())
         values = [_num(r.metrics.get(f"test_{m}")) for m in shown]
-        table.add_row(
-            str(i + 1), r.run_id[:8], r.trial_id or r.run_name, params, _num(r.metrics[key]), *values
-        )
-    return table
+        head = [str(i + 1), *([r.sweep] if several else []), r.trial_id or r.run_name]
+        rows.append([*head, _num(r.metrics[key]), *values, param_lines(r.searched), r.run_id[:8]])
+    title = f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); then test metrics"
+    return title, columns, rows, f"tracking store: {found.tracking_uri}"
 
 
 def _num(v: float | None) -> str:

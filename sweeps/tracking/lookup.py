@@ -49,13 +49,14 @@ class RunRow:
     tags: dict[str, str] = field(repr=False, default_factory=dict)
 
     @property
-    def searched(self) -> dict[str, str]:
-        """The searched values (``search.*`` params), else the settings a reader looks for first."""
+    def searched(self) -> dict[str, Any]:
+        """The searched values (``search.*`` params) in name order, numbers as numbers; without any,
+        the settings a reader looks for first."""
         found = {k.removeprefix("search."): v for k, v in self.params.items() if k.startswith("search.")}
-        if found:
-            return found
-        keys = ("model.backbone", "attention.lambda", "attention.mode", "attention.threshold", "train.lr")
-        return {k: self.params[k] for k in keys if k in self.params}
+        if not found:
+            keys = ("model.backbone", "attention.lambda", "attention.mode", "attention.threshold", "train.lr")
+            found = {k: self.params[k] for k in keys if k in self.params}
+        return {k: _typed(found[k]) for k in sorted(found)}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,18 @@ class RunRow:
             "params": self.params,
             "metrics": self.metrics,
         }
+
+
+def _typed(value: str) -> Any:
+    """An MLflow param (always a string) as the number or flag it was, else the string."""
+    if value in ("True", "False"):
+        return value == "True"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 @dataclass
