@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sweeps.cli import app
-from sweeps.driver import run_sweep
+from sweeps.driver import SweepFailed, run_sweep
 
 from .conftest import peak_trials_per_gpu, sweep_overrides, sweep_runs
 
@@ -123,14 +123,18 @@ def test_failed_trial_ends_failed_with_the_error(ne_cache, tmp_path):
             "max_failures": "0",
         },
     )
-    outcome = run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
-    assert [r["state"] for r in outcome.rows] == ["ERROR"]
+    with pytest.raises(
+        SweepFailed, match="every trial of sweep 'demo' failed; trial .*cannot take 50x50"
+    ) as e:
+        run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
+    assert [r["state"] for r in e.value.rows] == ["ERROR"]
     _, parents, children = _runs(tmp_path, "demo")
     (run,) = children
     assert run.info.status == "FAILED"
     assert "cannot take 50x50" in run.data.tags["error"]
     assert run.data.tags["error_type"] == "BackboneError"
     assert parents[0].data.metrics["trials_failed"] == 1
+    assert parents[0].info.status == "FAILED" and "every trial failed" in parents[0].data.tags["error"]
 
 
 def test_status_and_resume_of_a_finished_sweep(ne_cache, tmp_path):

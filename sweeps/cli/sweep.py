@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.table import Table
 
-from .common import console, short, user_errors
+from .common import (
+    EXIT_INTERRUPTED,
+    TableColumn,
+    console,
+    err_console,
+    param_lines,
+    print_table,
+    quiet_libraries,
+    user_errors,
+)
+from .live import LiveSweep
 
 __all__ = ["sweep_app"]
 
@@ -33,18 +44,53 @@ def sweep_run(
     ] = False,
     top: Annotated[int, typer.Option(help="Rows in the summary table.")] = 10,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished sweep of the same name.")] = False,
+    verbose: _Verbose = False,
+    every: _Every = 30.0,
 ) -> None:
     """Run a sweep: every trial in Ray Tune, every trial a child run in MLflow."""
+    quiet_libraries(verbose)
     from ..driver import run_sweep
 
     overrides = list(set_ or [])
     if smoke:
         overrides = [*_SMOKE, "num_samples=1" if _is_grid(space) else "num_samples=2", *overrides]
-    with user_errors():
-        outcome = run_sweep(space, address=address, overrides=overrides, overwrite=overwrite)
-    _print_sweep(outcome.rows, outcome.name, top)
+    with _sweep_ending(), LiveSweep(every) as live:
+        outcome = run_sweep(space, address=address, overrides=overrides, overwrite=overwrite, watch=live)
+    _print_sweep(outcome.rows, outcome.name, top, outcome.mode)
     console.print(f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}")
     _print_ui_hint(outcome.tracking_uri)
+
+
+_Verbose = Annotated[
+    bool, typer.Option("--verbose", help="Let Ray, Optuna and MLflow print their own logs and tracebacks.")
+]
+_Every = Annotated[
+    float, typer.Option(help="Seconds between status lines when the output is not a terminal (CI logs).")
+]
+
+
+@contextlib.contextmanager
+def _sweep_ending() -> Iterator[None]:
+    """How a sweep that does not finish ends: bad input or a late failure, one line and exit 2;
+    an interruption, the trials so far, the command that continues it, and exit 130."""
+    from ..driver import SweepFailed, SweepInterrupted
+
+    try:
+        with user_errors():
+            try:
+                yield
+            except SweepFailed as e:
+                if e.log is None and e.rows:  # every trial failed: which, and why
+                    _print_sweep(e.rows, e.name, len(e.rows), e.mode)
+                raise
+    except SweepInterrupted as e:
+        if e.rows:
+            _print_sweep(e.rows, e.name, len(e.rows), e.mode)
+        err_console.print(f"interrupted: continue with [bold]{e.resume}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted before any trial started", highlight=False)
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
 
 
 def _is_grid(space: Path) -> bool:
@@ -60,13 +106,16 @@ def sweep_resume(
     name: Annotated[str, typer.Argument(help="Sweep name (or its directory).")],
     storage: Annotated[Path | None, typer.Option(help="The sweep's storage_path.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    verbose: _Verbose = False,
+    every: _Every = 30.0,
 ) -> None:
     """Continue an interrupted sweep without re-running finished trials."""
+    quiet_libraries(verbose)
     from ..driver import resume_sweep
 
-    with user_errors():
-        outcome = resume_sweep(name, storage=storage, address=address)
-    _print_sweep(outcome.rows, outcome.name, 10)
+    with _sweep_ending(), LiveSweep(every) as live:
+        outcome = resume_sweep(name, storage=storage, address=address, watch=live)
+    _print_sweep(outcome.rows, outcome.name, 10, outcome.mode)
     _print_ui_hint(outcome.tracking_uri)
 
 
@@ -80,29 +129,32 @@ def sweep_status(
 
     with user_errors():
         spec, rows = read_status(name, storage=storage)
-    _print_sweep(rows, spec.name, len(rows))
+    _print_sweep(rows, spec.name, len(rows), spec.mode)
 
 
-def _print_sweep(rows: list[dict[str, Any]], name: str, top: int) -> None:
+def _print_sweep(rows: list[dict[str, Any]], name: str, top: int, mode: str = "max") -> None:
+    """The trials best first (in the metric's direction), then those with no value yet."""
+    from ..driver.status import STATES
+
+    sign = -1.0 if mode == "max" else 1.0
     order = sorted(
-        rows, key=lambda r: (math.isnan(r["best"]), -r["best"] if not math.isnan(r["best"]) else 0)
+        rows, key=lambda r: (math.isnan(r["best"]), sign * r["best"] if not math.isnan(r["best"]) else 0)
     )
-    states = {s: sum(r["state"] == s for r in rows) for s in ("DONE", "STOPPED", "ERROR", "PENDING")}
+    states = {s: sum(r["state"] == s for r in rows) for s in STATES}
     title = f"sweep {name}: " + ", ".join(f"{n} {s.lower()}" for s, n in states.items() if n)
-    table = Table(title=title)
-    for col in ("trial", "state", "params", "best", "epochs", "GPU", "node"):
-        table.add_column(col, justify="right" if col in ("best", "epochs") else "left")
+    columns = [TableColumn("trial"), TableColumn("state"), TableColumn("best", "right")]
+    columns += [TableColumn("epochs", "right", 1), TableColumn("params")]
+    columns += [TableColumn("GPU", drop=2), TableColumn("node", drop=3)]
+    table = []
     for r in order[:top]:
-        params = ", ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in r["params"].items())
         best = "" if math.isnan(r["best"]) else f"{r['best']:.3f}"
-        table.add_row(
-            r["trial"], r["state"], params, best, str(r["epochs"]), r["gpu_ids"] or "-", r["node_id"]
-        )
-    console.print(table)
+        cells = [r["trial"], r["state"], best, str(r["epochs"]), param_lines(r["params"])]
+        table.append([*cells, r["gpu_ids"] or "-", r["node_id"]])
+    print_table(title, columns, table)
 
 
 def _print_ui_hint(uri: str) -> None:
     if uri.startswith("sqlite:"):
-        console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]")
+        console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]", soft_wrap=True)
     else:
-        console.print(f"MLflow UI: {uri}")
+        console.print(f"MLflow UI: {uri}", soft_wrap=True)

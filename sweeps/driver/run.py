@@ -9,17 +9,23 @@ finished trials.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from trainer.errors import ConfigError
 
 from ..space import SweepSpec, load_saved_spec, load_sweep, save_spec, sweep_dir
+from .failure import SweepFailed, SweepInterrupted, one_line, root_cause, write_traceback
 from .preflight import check_shared_storage, check_sweep
-from .status import sweep_rows
+from .status import driver_alive, mark_driver, sweep_rows
 from .tuner import build_tuner, init_ray
+
+if TYPE_CHECKING:
+    from .progress import Snapshot
 
 __all__ = ["SweepOutcome", "resume_sweep", "run_sweep"]
 
@@ -33,29 +39,92 @@ class SweepOutcome:
     parent_run_id: str
     rows: list[dict[str, Any]]
     metrics_logged: int
+    mode: str = "max"  # the metric's direction: how rows rank
 
 
-def _execute(spec: SweepSpec, *, space_file: str | None, address: str | None, restore: bool) -> SweepOutcome:
+def _execute(
+    spec: SweepSpec,
+    *,
+    space_file: str | None,
+    address: str | None,
+    restore: bool,
+    watch: Callable[[Snapshot], None] | None = None,
+) -> SweepOutcome:
     uri = check_sweep(spec, address)
     init_ray(address)
     if address not in (None, "", "local"):
         check_shared_storage(spec)
     from ..tracking.callback import MlflowSweepCallback
     from ..tracking.parent import close_parent_run, fail_parent_run, open_parent_run
+    from .progress import SweepProgress, last_snapshot, watching
 
     exp_id, parent = open_parent_run(uri, spec, space_file, restore)
     try:
         save_spec(spec, space_file)
+        mark_driver(spec, "running")
         callback = MlflowSweepCallback(uri, exp_id, parent, spec)
-        results = build_tuner(spec, [callback], restore).fit()
+        with watching(watch):
+            results = build_tuner(spec, [SweepProgress(spec), callback], restore).fit()
+        rows = sweep_rows(results, spec)
+    except KeyboardInterrupt:  # a second Ctrl-C while Ray was stopping: its last saved state resumes
+        fail_parent_run(uri, parent, "interrupted", interrupted=True)
+        mark_driver(spec, "interrupted")
+        raise SweepInterrupted(spec, _saved_rows(spec)) from None
     except BaseException as e:
-        fail_parent_run(uri, parent, e)
-        raise
-    rows = sweep_rows(results, spec)
+        _failed(spec, uri, parent, e)
+    final = last_snapshot()
+    interrupted = final.interrupted if final is not None and final.final else _unfinished(rows)
+    if interrupted:
+        fail_parent_run(uri, parent, "interrupted", interrupted=True)
+        mark_driver(spec, "interrupted")
+        raise SweepInterrupted(spec, rows)
     close_parent_run(uri, parent, spec, rows)
+    if rows and all(r["state"] == "ERROR" for r in rows):
+        mark_driver(spec, "failed")
+        first = rows[0]
+        raise SweepFailed(
+            spec,
+            f"every trial of sweep {spec.name!r} failed; trial {first['trial']}: {first['error']} "
+            f"(its error file is in {first['path']})",
+            rows,
+        )
+    mark_driver(spec, "finished")
     return SweepOutcome(
-        spec.name, sweep_dir(spec), uri, spec.experiment, parent, rows, callback.logged_metrics
+        spec.name, sweep_dir(spec), uri, spec.experiment, parent, rows, callback.logged_metrics, spec.mode
     )
+
+
+def _failed(spec: SweepSpec, uri: str, parent: str, error: BaseException) -> NoReturn:
+    """A failure after the checks: the traceback to a log file, no run left RUNNING, one line raised.
+    A sweep that had finished no trial leaves nothing in storage that would block its name."""
+    from ..tracking.parent import fail_parent_run
+
+    cause = root_cause(error)
+    log = write_traceback(spec, error)
+    with contextlib.suppress(Exception):  # the store itself may be what failed
+        fail_parent_run(uri, parent, one_line(cause))
+    rows = _saved_rows(spec)
+    if not spec.remote_storage and not any(r["state"] in ("DONE", "STOPPED") for r in rows):
+        shutil.rmtree(sweep_dir(spec), ignore_errors=True)
+    else:
+        mark_driver(spec, "failed")
+    raise SweepFailed(
+        spec, f"sweep {spec.name!r} failed: {one_line(cause)} (traceback: {log})", rows, log
+    ) from None
+
+
+def _saved_rows(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The trials as Ray last saved them (none if it saved nothing)."""
+    from .status import saved_trials, trial_rows
+
+    try:
+        return trial_rows(saved_trials(sweep_dir(spec)), spec, live=False)
+    except Exception:
+        return []
+
+
+def _unfinished(rows: list[dict[str, Any]]) -> bool:
+    return any(r["state"] in ("RUNNING", "INTERRUPTED", "PENDING") for r in rows)
 
 
 def run_sweep(
@@ -64,11 +133,16 @@ def run_sweep(
     address: str | None = None,
     overrides: list[str] | None = None,
     overwrite: bool = False,
+    watch: Callable[[Snapshot], None] | None = None,
 ) -> SweepOutcome:
     """Validate and run the sweep in ``space_file``; return a :class:`SweepOutcome`.
 
     A sweep of the same name already in storage is an error (resume it instead) unless
     ``overwrite``, which deletes its Ray results (its MLflow runs stay, under the old parent).
+    ``watch`` receives a :class:`~sweeps.driver.progress.Snapshot` as the sweep runs.
+
+    A failure after the checks raises :class:`~sweeps.driver.failure.SweepFailed` (one line; the
+    traceback in a log file), an interruption :class:`~sweeps.driver.failure.SweepInterrupted`.
     """
     spec, _ = load_sweep(space_file, overrides=overrides)
     existing = Path(sweep_dir(spec))
@@ -80,14 +154,24 @@ def run_sweep(
                 "(--set name=...), or start over with --overwrite"
             )
         shutil.rmtree(existing)
-    return _execute(spec, space_file=str(Path(space_file).resolve()), address=address, restore=False)
+    return _execute(
+        spec, space_file=str(Path(space_file).resolve()), address=address, restore=False, watch=watch
+    )
 
 
-def resume_sweep(name_or_path: str, *, storage: str | Path | None = None, address: str | None = None):
+def resume_sweep(
+    name_or_path: str,
+    *,
+    storage: str | Path | None = None,
+    address: str | None = None,
+    watch: Callable[[Snapshot], None] | None = None,
+) -> SweepOutcome:
     """Continue an interrupted sweep: finished trials are kept, unfinished and errored ones resume."""
     spec, space_file = load_saved_spec(name_or_path, storage)
     from ray import tune
 
     if not tune.Tuner.can_restore(sweep_dir(spec)):
         raise ConfigError(f"{sweep_dir(spec)}: no Ray experiment state to resume")
-    return _execute(spec, space_file=space_file, address=address, restore=True)
+    if driver_alive(spec):
+        raise ConfigError(f"sweep {spec.name!r} is running now (its driver is alive): wait, or stop it first")
+    return _execute(spec, space_file=space_file, address=address, restore=True, watch=watch)

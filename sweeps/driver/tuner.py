@@ -3,6 +3,7 @@ failure and checkpoint settings, storage, callbacks) built from a :class:`SweepS
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -10,7 +11,14 @@ from trainer.errors import ConfigError
 
 from ..space import SweepSpec, optuna_space, ray_param_space, sweep_dir
 
-__all__ = ["build_tuner", "init_ray"]
+__all__ = ["build_tuner", "init_ray", "verbose"]
+
+
+def verbose() -> bool:
+    """Whether the libraries may talk (``CXR_VERBOSE=1``, ``--verbose``): Ray's config box, warnings
+    and trial tracebacks, Optuna's study line. Quiet by default: the sweep's own view says what
+    happens, and a failed trial's error is in its row, its MLflow run and its error file."""
+    return os.environ.get("CXR_VERBOSE", "0") not in ("", "0")
 
 
 def init_ray(address: str | None) -> None:
@@ -22,6 +30,9 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # a checkpoint every epoch is the point: no "snapshotting may become a bottleneck" warnings
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not verbose():
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter at verbose=0 prints nothing
+        logging.getLogger("ray").setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return
     if address in (None, "", "local"):
@@ -69,6 +80,9 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
     if spec.search.algorithm == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
+
+        if not verbose():
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
 
         search_alg = OptunaSearch(
             space=optuna_space(spec),

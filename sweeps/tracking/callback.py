@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from ..space import FINAL_KEY, SweepSpec, searched_values, trial_config_for
+from .parent import INTERRUPTED_TAG
 from .runs import (
     CAM_ZERO_TAG,
     MAX_ERROR,
@@ -73,6 +74,7 @@ class MlflowSweepCallback(Callback):
         self.described: set[str] = set()  # trial ids whose run has its params
         self.pending: list[tuple[str, Any, tuple]] = []  # hooks that met an unreachable store, in order
         self.unreachable_since: float | None = None
+        self.interrupted: set[str] = set()  # trial ids whose run ended KILLED when the sweep was interrupted
         # fail fast inside a hook (its work is queued and replayed) instead of MLflow's minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -83,6 +85,8 @@ class MlflowSweepCallback(Callback):
             if tid:
                 self.runs[tid] = run.info.run_id
                 self.described.add(tid)
+                if run.info.status == "KILLED" and INTERRUPTED_TAG in run.data.tags:
+                    self.interrupted.add(tid)
 
     # Ray pickles the callbacks with the experiment and `Tuner.restore` unpickles them: a restored
     # callback must read which runs exist now, not carry the mapping of when it was pickled.
@@ -95,6 +99,10 @@ class MlflowSweepCallback(Callback):
     # -- helpers --------------------------------------------------------------------------------------
     def _run_id(self, trial) -> str:
         tid = trial.trial_id
+        if tid in self.interrupted:  # the resumed sweep runs it again: so does its MLflow run
+            self.client.update_run(self.runs[tid], status="RUNNING")
+            self.client.delete_tag(self.runs[tid], INTERRUPTED_TAG)
+            self.interrupted.discard(tid)
         if tid in self.runs:
             if tid in self.described:
                 return self.runs[tid]

@@ -22,7 +22,16 @@ from ..space import SweepSpec, sweep_dir
 from .runs import experiment_id
 from .store import CREDENTIAL_VARS
 
-__all__ = ["close_parent_run", "fail_parent_run", "log_to_parent_runs", "open_parent_run"]
+__all__ = [
+    "INTERRUPTED_TAG",
+    "close_parent_run",
+    "end_open_trial_runs",
+    "fail_parent_run",
+    "log_to_parent_runs",
+    "open_parent_run",
+]
+
+INTERRUPTED_TAG = "cxr.interrupted"  # on a run that ended KILLED because its sweep was interrupted
 
 
 def open_parent_run(uri: str, spec: SweepSpec, space_file: str | None, restore: bool) -> tuple[str, str]:
@@ -52,8 +61,11 @@ def _parent_run(client, uri: str, spec: SweepSpec, space_file: str | None, resto
             max_results=1,
         )
         if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return exp_id, found[0].info.run_id
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            if INTERRUPTED_TAG in found[0].data.tags:
+                client.delete_tag(run_id, INTERRUPTED_TAG)
+            return exp_id, run_id
     tags = {
         "cxr.kind": "sweep",
         "cxr.sweep_dir": sweep_dir(spec),
@@ -89,25 +101,56 @@ def _git_commit(space_file: str | None) -> str:
 
 
 def close_parent_run(uri: str, parent: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> None:
-    """Trial counts and the best trial (status rows of :mod:`sweeps.driver.status`), then FINISHED."""
+    """Trial counts and the best trial (status rows of :mod:`sweeps.driver.status`), then FINISHED,
+    or FAILED when every trial failed."""
     client = MlflowClient(uri)
     done = [r for r in rows if r["state"] == "DONE"]
+    failed = [r for r in rows if r["state"] == "ERROR"]
     client.log_metric(parent, "trials", len(rows))
     client.log_metric(parent, "trials_done", len(done))
-    client.log_metric(parent, "trials_failed", sum(r["state"] == "ERROR" for r in rows))
+    client.log_metric(parent, "trials_failed", len(failed))
     if done:
         sign = 1 if spec.mode == "max" else -1
         best = max(done, key=lambda r: (sign * r["best"], r["trial"]))
         client.log_metric(parent, f"best_{spec.metric}", best["best"])
         client.set_tag(parent, "cxr.best_trial", best["trial"])
+    if rows and len(failed) == len(rows):
+        client.set_tag(parent, "error", f"every trial failed; the first: {failed[0]['error']}"[:4000])
+        client.set_terminated(parent, "FAILED")
+        return
     client.set_terminated(parent, "FINISHED")
 
 
-def fail_parent_run(uri: str, parent: str, error: BaseException) -> None:
-    """The sweep stopped on ``error``: tag it and end the run KILLED (Ctrl-C) or FAILED."""
+def fail_parent_run(uri: str, parent: str, error: BaseException | str, *, interrupted: bool = False) -> None:
+    """The sweep stopped: the parent run ends KILLED with :data:`INTERRUPTED_TAG` (an interruption),
+    or FAILED with the error as its ``error`` tag; so does every child run still RUNNING."""
     client = MlflowClient(uri)
-    client.set_tag(parent, "error", f"{type(error).__name__}: {error}"[:4000])
-    client.set_terminated(parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    if interrupted:
+        client.set_tag(parent, INTERRUPTED_TAG, "true")
+    else:
+        client.set_tag(parent, "error", text[:4000])
+    end_open_trial_runs(uri, parent, interrupted=interrupted, reason=text)
+    client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
+
+
+def end_open_trial_runs(uri: str, parent: str, *, interrupted: bool, reason: str) -> list[str]:
+    """End the parent's child runs still RUNNING: KILLED + :data:`INTERRUPTED_TAG` (resume reopens
+    them) or FAILED with ``reason``. Returns their run ids."""
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    open_runs = client.search_runs(
+        [exp],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    for run in open_runs:
+        if interrupted:
+            client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
+        else:
+            client.set_tag(run.info.run_id, "error", f"the sweep failed: {reason}"[:4000])
+        client.set_terminated(run.info.run_id, "KILLED" if interrupted else "FAILED")
+    return [r.info.run_id for r in open_runs]
 
 
 def log_to_parent_runs(uri: str, parents: dict[str, str], files: Iterable[Path], artifact_path: str) -> None:
