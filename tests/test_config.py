@@ -108,6 +108,42 @@ def test_yaml_roundtrip_with_overrides_and_infinite_prior(tmp_path):
     assert again == cfg
     params = cfg.flat_params()
     assert params["attention.lambda"] == "adaptive" and params["data.task"] == "ns"
+    assert "attention.threshold" not in params and "attention.tau" not in params  # energy reads neither
+
+
+@pytest.mark.parametrize(
+    ("attention", "name", "logged", "left_out"),
+    [
+        ({"lambda": 1.0, "mode": "soft"}, "CE λ=1 [t1]", {"attention.cam_score"}, {"attention.mode"}),
+        (
+            {"lambda": 0.8744, "mode": "soft", "threshold": 0.61},
+            "soft λ=0.874 t=0.61 τ=0.05 [t1]",
+            {"attention.threshold", "attention.tau"},
+            set(),
+        ),
+        (
+            {"lambda": 0.5, "mode": "paper"},
+            "paper λ=0.5 t=0.5 [t1]",
+            {"attention.threshold"},
+            {"attention.tau"},
+        ),
+        (
+            {"lambda": "adaptive", "mode": "energy"},
+            "energy λ=adaptive [t1]",
+            {"attention.schedule.slope"},
+            {"attention.threshold", "attention.tau"},
+        ),
+    ],
+)
+def test_a_run_is_named_and_described_by_the_settings_that_take_effect(attention, name, logged, left_out):
+    from sweeps.tracking.runs import run_title
+
+    cfg = TrialConfig.from_dict({"data": {"cache": "/tmp/c"}, "attention": attention})
+    assert run_title(cfg, "t1") == name
+    params = cfg.flat_params()
+    assert logged <= set(params) and not left_out & set(params)
+    if attention["lambda"] == 1.0:  # plain cross-entropy: no setting of the attention loss
+        assert not {k for k in params if k in {f"attention.{n}" for n in ("threshold", "tau", "cam_pass")}}
 
 
 def test_malformed_yaml_and_wrong_types_name_the_file(tmp_path):

@@ -264,6 +264,14 @@ class AttentionConfig(_Strict):
         """False when λ is fixed at 1: the step is plain cross-entropy and no CAM is needed."""
         return self.lambda_ != 1.0
 
+    def inactive(self) -> set[str]:
+        """Settings that take no effect in this configuration: those the loss mode does not read
+        (threshold for energy, tau for paper), and every setting of the attention loss when λ is
+        fixed at 1 (plain cross-entropy; ``cam_score`` and ``priors`` still shape the CAM metrics)."""
+        if not self.uses_attention:
+            return {"mode", "threshold", "tau", "cam_target", "cam_pass"}
+        return {"threshold", "tau"} - self.loss_mode.uses
+
     def lambda_at(self, epoch: int) -> float:
         """λ of ``epoch`` (counted from 0)."""
         if isinstance(self.lambda_, str):
@@ -354,8 +362,12 @@ class TrialConfig(_Strict):
         return path
 
     def flat_params(self) -> dict[str, str]:
-        """The config as flat ``section.key`` → string (MLflow params)."""
-        return {k: "" if v is None else str(v) for k, v in flatten(self.to_dict()).items()}
+        """The config as flat ``section.key`` → string (MLflow params), without the attention
+        settings that take no effect in it (:meth:`AttentionConfig.inactive`): a parameter shown
+        for a run is one that shaped it."""
+        unused = {f"attention.{k}" for k in self.attention.inactive()}
+        flat = flatten(self.to_dict())
+        return {k: "" if v is None else str(v) for k, v in flat.items() if k not in unused}
 
 
 def resolve_priors_file(raw: dict[str, Any], base: Path) -> None:

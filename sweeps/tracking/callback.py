@@ -32,6 +32,7 @@ from .runs import (
     log_plots,
     log_text_file,
     redact,
+    run_title,
 )
 
 __all__ = ["FLUSH_GRACE_S", "MlflowSweepCallback", "TrackingUnavailable"]
@@ -107,9 +108,10 @@ class MlflowSweepCallback(Callback):
             if tid in self.described:
                 return self.runs[tid]
             return self._describe(trial, self.runs[tid])  # a replay after a failure mid-way
+        cfg = self._trial_config(trial)
         run = self.client.create_run(
             self.experiment_id,
-            run_name=str(trial),
+            run_name=run_title(cfg, tid),
             tags={
                 "mlflow.parentRunId": self.parent_run_id,
                 "ray.trial_id": tid,
@@ -119,13 +121,17 @@ class MlflowSweepCallback(Callback):
         )
         self.runs[tid] = run.info.run_id
         self.last_epoch[run.info.run_id] = -1
-        return self._describe(trial, run.info.run_id)
+        return self._describe(trial, run.info.run_id, cfg)
 
-    def _describe(self, trial, run_id: str) -> str:
-        """Params and dataset tags of a new trial run."""
+    def _trial_config(self, trial):
         # output_dir: the trial's folder in storage, where its checkpoints and best model land
         where = getattr(trial, "path", None) or trial.local_path or "."
-        cfg = trial_config_for(self.spec, trial.config, str(trial), str(where))
+        return trial_config_for(self.spec, trial.config, str(trial), str(where))
+
+    def _describe(self, trial, run_id: str, cfg=None) -> str:
+        """Params and dataset tags of a new trial run: only settings that take effect in it, so a
+        fixed-λ or energy-mode run shows no threshold, slope or τ it never used."""
+        cfg = cfg or self._trial_config(trial)
         searched = {f"search.{k}": v for k, v in searched_values(self.spec, trial.config).items()}
         log_params(self.client, run_id, {**cfg.flat_params(), **searched})
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])

@@ -35,6 +35,7 @@ __all__ = [
     "log_plots",
     "log_text_file",
     "redact",
+    "run_title",
 ]
 
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
@@ -132,6 +133,21 @@ def dataset_tags(cfg: TrialConfig) -> dict[str, str]:
         "cxr.cache_hash": str(header.get("content_hash", "")),
         "cxr.data_access": str(header.get("data_access", "")),
     }
+
+
+def run_title(cfg: TrialConfig, trial_id: str = "") -> str:
+    """A run name that says what the run is: ``soft λ=0.874 t=0.61 τ=0.05 [id]``, ``energy
+    λ=adaptive [id]``, ``CE λ=1 [id]`` (plain cross-entropy); only the settings that take effect."""
+    att = cfg.attention
+    if not att.uses_attention:
+        parts = ["CE", "λ=1"]
+    else:
+        lam = att.lambda_ if isinstance(att.lambda_, str) else f"{att.lambda_:.3g}"
+        parts = [att.mode, f"λ={lam}"]
+        unused = att.inactive()
+        parts += [f"t={att.threshold:.3g}"] if "threshold" not in unused else []
+        parts += [f"τ={att.tau:g}"] if "tau" not in unused else []
+    return " ".join([*parts, f"[{trial_id}]"] if trial_id else parts)
 
 
 class TrialRun:
