@@ -76,6 +76,21 @@ class _Param(_Strict):
         """A sampled ``value`` → trial-config overrides (dotted keys)."""
         return {key: value}
 
+    def first(self, key: str, value: Any) -> dict[str, Any]:
+        """A value the sweep runs first (``search.points_to_evaluate``) as the Optuna parameters to
+        enqueue. ValueError when this parameter could not draw it."""
+        low, high = getattr(self, "low", None), getattr(self, "high", None)
+        if low is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{value!r} is not a number")
+            if not low <= value <= high:
+                raise ValueError(f"{value!r} is outside [{low}, {high}]")
+            if isinstance(self, IntRange) and int(value) != value:
+                raise ValueError(f"{value!r} is not an integer")
+        elif hasattr(self, "values") and value not in self.values:
+            raise ValueError(f"{value!r} is not one of {self.values}")
+        return {key: value}
+
 
 class Uniform(_Param, Range):
     """A float drawn uniformly from [low, high]."""
@@ -290,6 +305,23 @@ class LambdaParam(_Param):
                     {_KIND: kind, kind: self._draw(kind, lambda _n, r, t, end=end: t(getattr(r, end)))}
                 )
         return [self.overrides(key, d) for d in draws]
+
+    def first(self, key: str, value: Any) -> dict[str, Any]:
+        """A number is a fixed λ (``1.0``: the cross-entropy baseline); a schedule's name runs that
+        schedule, its searched parameters drawn."""
+        if isinstance(value, str):
+            if value not in self.schedules:
+                raise ValueError(f"{value!r} is not a searched λ branch (searched: {', '.join(self.kinds)})")
+            return {f"{key}/{_KIND}": value}
+        if self.fixed is None:
+            raise ValueError(
+                f"a fixed λ ({value!r}), but only schedules are searched: {', '.join(self.kinds)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{value!r} is neither a number nor a schedule name")
+        if not self.fixed.low <= value <= self.fixed.high:
+            raise ValueError(f"λ {value!r} is outside the searched [{self.fixed.low}, {self.fixed.high}]")
+        return {f"{key}/{_KIND}": FIXED, f"{key}/value": float(value)}
 
     def overrides(self, key: str, value: Any) -> dict[str, Any]:
         """``{kind: fixed, value: v}`` → λ = v; ``{kind: name, name: {...}}`` → λ = name with those

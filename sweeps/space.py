@@ -13,6 +13,7 @@ The resolved spec is saved beside Ray's experiment state (:data:`SPEC_FILE`), so
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.config import TrialConfig, resolve_priors_file
+from trainer.config import AttentionConfig, TrialConfig, resolve_priors_file
 from trainer.dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping, set_dotted
 from trainer.errors import ConfigError, UserError
 from trainer.metrics.names import check_metric, higher_is_better, logged_names
@@ -56,6 +57,13 @@ class SearchConfig(_Strict):
         "optuna", description="optuna: TPE via Ray's OptunaSearch; random; grid: every grid value."
     )
     seed: int | None = Field(0, description="Searcher seed (reproducible suggestions).")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Trials to run first, each a mapping of searched keys to values; what a point leaves "
+        "out is drawn. E.g. [{attention.lambda: 1.0}]: the cross-entropy baseline. They count in "
+        "num_samples. Random search with points runs on Optuna's RandomSampler (Ray's variant "
+        "generator cannot preset the λ parameter).",
+    )
 
 
 class SchedulerConfig(_Strict):
@@ -153,6 +161,39 @@ class SweepSpec(_Strict):
         if self.search.algorithm == "grid" and not grid:
             raise ValueError("search.algorithm is 'grid' but no param has `type: grid`")
         return self
+
+    @model_validator(mode="after")
+    def _points_to_evaluate_are_in_the_space(self):
+        points = self.search.points_to_evaluate
+        if points and self.search.algorithm == "grid":
+            raise ValueError(
+                "search.points_to_evaluate: a grid runs every grid value; give it with optuna or random"
+            )
+        if len(points) > self.num_samples:
+            raise ValueError(
+                f"search.points_to_evaluate: {len(points)} points but num_samples is {self.num_samples} "
+                "(the points are among the trials)"
+            )
+        for i, point in enumerate(points):
+            for key, value in point.items():
+                where = f"search.points_to_evaluate[{i}].{key}"
+                if key not in self.params:
+                    raise ValueError(f"{where}: not a searched key (params: {', '.join(self.params)})")
+                try:
+                    self.params[key].first(key, value)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+        return self
+
+    def first_points(self) -> list[dict[str, Any]]:
+        """``search.points_to_evaluate`` as Optuna parameters, for ``OptunaSearch`` to enqueue."""
+        points = []
+        for point in self.search.points_to_evaluate:
+            names: dict[str, Any] = {}
+            for key, value in point.items():
+                names.update(self.params[key].first(key, value))
+            points.append(names)
+        return points
 
     @model_validator(mode="after")
     def _conditions_name_earlier_choices(self):
@@ -316,8 +357,27 @@ def trial_overrides(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
-    """:func:`trial_overrides` as flat dotted keys: what tables and MLflow show as searched."""
-    return flatten(trial_overrides(spec, config))
+    """:func:`trial_overrides` as flat dotted keys: what tables and MLflow show as searched.
+
+    Values that take no effect in the trial are left out (a threshold beside λ = 1 or mode energy:
+    :meth:`trainer.config.AttentionConfig.inactive`), as its MLflow params leave them out."""
+    overrides = trial_overrides(spec, config)
+    flat = flatten(overrides)
+    unused = {f"attention.{k}" for k in _inactive_attention(spec, overrides)}
+    return {k: v for k, v in flat.items() if k not in unused}
+
+
+def _inactive_attention(spec: SweepSpec, overrides: dict[str, Any]) -> set[str]:
+    att = {
+        k: v for k, v in (spec.trial.get("attention") or {}).items() if k in ("lambda", "schedule", "mode")
+    }
+    for key in ("lambda", "schedule", "mode"):
+        if f"attention.{key}" in overrides:
+            att[key] = overrides[f"attention.{key}"]
+    try:
+        return AttentionConfig.model_validate(att).inactive()
+    except (ValidationError, UserError):
+        return set()  # the trial's own config check reports it
 
 
 def trial_config_for(spec: SweepSpec, config: dict[str, Any], name: str, output_dir: str) -> TrialConfig:
@@ -377,4 +437,13 @@ def load_saved_spec(name_or_path: str, storage: str | Path | None = None) -> tup
             saved = json.loads(f.read_text())
             return SweepSpec.model_validate(saved["spec"]), saved.get("space_file")
     where = ", ".join(str(c) for c in candidates)
-    raise ConfigError(f"no sweep {name_or_path!r} found (looked for {SPEC_FILE} in {where}); pass --storage")
+    if storage is None:
+        raise ConfigError(
+            f"no sweep {name_or_path!r} found (looked for {SPEC_FILE} in {where}); "
+            "pass --storage DIR (the sweep's storage_path)"
+        )
+    there = sorted(p.parent.name for p in Path(storage).glob(f"*/{SPEC_FILE}"))
+    near = difflib.get_close_matches(name_or_path, there, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    hint = hint or (f"; sweeps there: {', '.join(there)}" if there else "")
+    raise ConfigError(f"no sweep {name_or_path!r} in {storage} (no {SPEC_FILE} in {where}){hint}")

@@ -60,6 +60,17 @@ def test_paper_grid_is_the_papers_grid():
         ),
         ({"params__attention.lamda": {"type": "uniform", "low": 0.1, "high": 0.2}}, r"attention.lamda"),
         ({"params__train.lr": {"type": "gaussian", "mu": 1}}, r"params.train.lr"),
+        (
+            {"search__points_to_evaluate": [{"attention.lambda": 1.5}]},
+            r"search.points_to_evaluate\[0\].attention.lambda: λ 1.5 is outside the searched \[0.25, 1.0\]",
+        ),
+        (
+            {"search__points_to_evaluate": [{"attention.lambda": 1.0}, {"attention.mode": "soft"}]},
+            r"search.points_to_evaluate\[1\].attention.mode: not a searched key \(params: attention.lambda,",
+        ),
+        ({"search__points_to_evaluate": [{"train.lr": 1.0}]}, r"\[0\].train.lr: 1.0 is outside \[0.0003"),
+        ({"search__points_to_evaluate": [{"attention.lambda": "cosine"}]}, r"'cosine' is not a searched λ"),
+        ({"num_samples": 1, "search__points_to_evaluate": [{}, {}]}, r"2 points but num_samples is 1"),
     ],
 )
 def test_bad_sweep_files_name_the_field(tmp_path, changes, expected):
@@ -74,8 +85,8 @@ def test_lambda_range_outside_unit_interval(tmp_path):
     ):
         load_sweep(_write(tmp_path, **{"params__attention.lambda": bad}))
     bad = {"type": "lambda", "fixed": {"low": -0.2, "high": 0.5}}
-    with pytest.raises(ConfigError, match=r"attention.lambda=-0.2"):
-        load_sweep(_write(tmp_path, **{"params__attention.lambda": bad}))
+    with pytest.raises(ConfigError, match=r"attention.lambda=-0.2"):  # (the demo's CE point left out)
+        load_sweep(_write(tmp_path, **{"params__attention.lambda": bad, "search__points_to_evaluate": None}))
 
 
 def test_grid_mixed_with_optuna_says_why_and_what_to_do(tmp_path):
@@ -172,3 +183,35 @@ def test_unreachable_tracking_server_and_ray_address_fail_fast():
     with pytest.raises(ConfigError, match="Ray cluster at ray://127.0.0.1:9 is unreachable"):
         check_ray_address("ray://127.0.0.1:9")
     check_tracking("sqlite:////tmp/x.db")  # local stores need no probe
+
+
+@pytest.mark.parametrize("algorithm", ["optuna", "random"])
+def test_points_to_evaluate_run_first_and_the_rest_is_drawn(algorithm):
+    """The demo's first trial is the CE baseline (λ = 1) under either searcher; t and lr are drawn."""
+    from sweeps.driver.tuner import search_algorithm
+
+    spec, _ = load_sweep(ROOT / "search_spaces/demo.yaml", [f"search.algorithm={algorithm}"])
+    search, param_space = search_algorithm(spec)
+    assert param_space == {}  # Optuna's define-by-run space, also for a random search with points
+    first, second = search.suggest("a"), search.suggest("b")
+    assert trial_overrides(spec, first)["attention.lambda"] == 1.0
+    assert 0.3 <= first["attention.threshold"] <= 0.7 and 3e-4 <= first["train.lr"] <= 3e-3
+    assert trial_overrides(spec, second)["attention.lambda"] != 1.0  # then the search goes on
+
+
+def test_values_that_take_no_effect_are_not_shown_as_searched():
+    from sweeps.space import searched_values
+
+    spec, _ = load_sweep(ROOT / "search_spaces/demo.yaml")
+    ce = searched_values(
+        spec, {"attention.lambda": {"kind": "fixed", "value": 1.0}, "attention.threshold": 0.4}
+    )
+    assert ce == {"attention.lambda": 1.0}  # no threshold beside λ = 1: plain cross-entropy
+    soft = {"attention.lambda": {"kind": "fixed", "value": 0.5}, "attention.threshold": 0.4}
+    assert searched_values(spec, soft) == {"attention.lambda": 0.5, "attention.threshold": 0.4}
+    adaptive = {"attention.lambda": {"kind": "adaptive", "adaptive": {"slope": 0.1, "floor": 0.2}}}
+    assert searched_values(spec, adaptive) == {
+        "attention.lambda": "adaptive",
+        "attention.schedule.slope": 0.1,
+        "attention.schedule.floor": 0.2,
+    }

@@ -1,5 +1,6 @@
 """Sweeps for real: Ray Tune on this machine with fake GPUs, MLflow on a sqlite file."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,15 @@ def test_every_shipped_space_runs_through_the_cli(space, ne_cache, tmp_path):
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert "test_f1_macro" in run.data.metrics and "test_discriminant_power" in run.data.metrics
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_macro")] == [0]
+    if space.name == "demo.yaml":  # its first trial is the CE baseline; names say what each run is
+        names = sorted(r.info.run_name for r in children)
+        assert re.fullmatch(r"CE λ=1 \[\w+\]", names[0]), names
+        assert re.fullmatch(r"soft λ=([\d.]+|adaptive) t=[\d.]+ τ=0\.1 \[\w+\]", names[1]), names
+        ce = next(r for r in children if r.info.run_name.startswith("CE"))
+        assert ce.data.params["attention.lambda"] == "1.0"
+        unused = {"attention.threshold", "attention.mode", "attention.tau", "search.attention.threshold"}
+        assert not unused & set(ce.data.params)  # only what takes effect in a CE run
+        assert not any(k.startswith("attention.schedule") for k in ce.data.params)
     if space.name == "paper_grid.yaml":
         combos = {(r.data.params["model.backbone"], r.data.params["attention.lambda"]) for r in children}
         assert {lam for _, lam in combos} == {"1.0", "0.75", "0.5", "0.25", "adaptive"}

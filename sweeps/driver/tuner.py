@@ -11,7 +11,7 @@ from trainer.errors import ConfigError
 
 from ..space import SweepSpec, optuna_space, ray_param_space, sweep_dir
 
-__all__ = ["build_tuner", "init_ray", "verbose"]
+__all__ = ["build_tuner", "by_optuna", "init_ray", "search_algorithm", "verbose"]
 
 
 def verbose() -> bool:
@@ -59,7 +59,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
     if restore:
         # The random/grid space holds functions (λ's conditional draw) that Ray saved as placeholders:
         # trials not yet started when the driver died need the same space given back to resolve them.
-        space = ray_param_space(spec) if spec.search.algorithm != "optuna" else None
+        space = None if by_optuna(spec) else ray_param_space(spec)
         return tune.Tuner.restore(
             sweep_dir(spec), trainable=trainable, resume_errored=True, param_space=space
         )
@@ -75,29 +75,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
         )
     else:
         scheduler = FIFOScheduler()
-    param_space: dict[str, Any] = {}
-    search_alg = None
-    if spec.search.algorithm == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        if not verbose():
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-        search_alg = OptunaSearch(
-            space=optuna_space(spec),
-            metric=spec.metric,
-            mode=spec.mode,
-            sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
-        )
-    else:
-        from ray.tune.search import BasicVariantGenerator
-
-        param_space = ray_param_space(spec)
-        # TuneConfig.max_concurrent_trials only limits a Searcher; the variant generator takes its own
-        search_alg = BasicVariantGenerator(
-            random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials or 0
-        )
+    search_alg, param_space = search_algorithm(spec)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -105,7 +83,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent_trials if spec.search.algorithm == "optuna" else None,
+            max_concurrent_trials=spec.max_concurrent_trials if by_optuna(spec) else None,
             reuse_actors=spec.reuse_actors,
             metric=spec.metric,
             mode=spec.mode,
@@ -119,3 +97,41 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
             verbose=0,
         ),
     )
+
+
+def by_optuna(spec: SweepSpec) -> bool:
+    """Whether Ray's ``OptunaSearch`` draws the trials: for ``optuna``, and for ``random`` with
+    ``search.points_to_evaluate`` (Ray's variant generator cannot preset a ``sample_from``
+    parameter such as λ: its placeholder is not a value), on Optuna's ``RandomSampler``."""
+    return spec.search.algorithm == "optuna" or bool(spec.search.points_to_evaluate)
+
+
+def search_algorithm(spec: SweepSpec) -> tuple[Any, dict[str, Any]]:
+    """The Tune searcher of ``spec`` and the param space it needs (empty for Optuna's define-by-run)."""
+    if by_optuna(spec):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        if not verbose():
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        seed = spec.search.seed
+        sampler = (
+            optuna.samplers.TPESampler(seed=seed)
+            if spec.search.algorithm == "optuna"
+            else optuna.samplers.RandomSampler(seed=seed)
+        )
+        search = OptunaSearch(
+            space=optuna_space(spec),
+            metric=spec.metric,
+            mode=spec.mode,
+            sampler=sampler,
+            points_to_evaluate=spec.first_points() or None,
+        )
+        return search, {}
+    from ray.tune.search import BasicVariantGenerator
+
+    # TuneConfig.max_concurrent_trials only limits a Searcher; the variant generator takes its own
+    generator = BasicVariantGenerator(
+        random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials or 0
+    )
+    return generator, ray_param_space(spec)
