@@ -108,3 +108,15 @@ def test_demo_smoke_through_the_console_script(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "demo/mlflow.db").is_file()
     assert "mlflow ui --backend-store-uri" in r.stdout
+
+
+def test_version_and_help_in_plain_words():
+    from importlib.metadata import version
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"cxr-sweep {version('cxr-attention-sweeps')}"
+    for args in (["sweep", "run", "--help"], ["best", "--help"], ["export", "--help"]):
+        out = CliRunner().invoke(app, args, env={"COLUMNS": "100"}).output
+        assert "<bool>" not in out and "<str>" not in out and "{" not in out.split("\n\n")[0], out
+    out = CliRunner().invoke(app, ["sweep", "run", "--help"], env={"COLUMNS": "100"}).output
+    assert "Usage: cxr-sweep sweep run [OPTIONS] SPACE" in out and " INTEGER " in out

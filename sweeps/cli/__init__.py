@@ -11,6 +11,9 @@ from __future__ import annotations
 import typer
 
 from . import data, results, sweep, trial
+from .common import plain_help_types
+
+plain_help_types()
 
 __all__ = ["app"]
 
@@ -20,6 +23,28 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"cxr-sweep {version('cxr-attention-sweeps')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("cxr-sweep (not installed: no version)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    _: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Sweeps for chest X-ray classifiers trained with a localization-aware attention loss."""
+
+
 trial.register(app)
 app.add_typer(sweep.sweep_app, name="sweep")
 data.register(app)

@@ -28,6 +28,7 @@ __all__ = [
     "err_console",
     "fail",
     "param_lines",
+    "plain_help_types",
     "print_table",
     "progress",
     "quiet_libraries",
@@ -160,3 +161,40 @@ def _plain_table(
         ).rstrip()
 
     return "\n".join([title, *(line(r) for r in cells)] + ([caption] if caption else []))
+
+
+_HELP_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN"}
+
+
+def plain_help_types() -> None:
+    """Help in click's words: a flag shows no ``<bool>``, a value its type as ``TEXT``/``PATH``/
+    ``INTEGER``, an argument its name as ``SPACE`` (Typer 0.29 prints ``<str>`` and ``{space}``).
+    Typer offers no setting for it: its two display methods are replaced, once, here."""
+    from typer import core
+
+    if getattr(core, "_cxr_plain_types", False):
+        return
+    option_type = core.TyperOption.display_type_rich
+
+    def plain(label: str | None) -> str | None:
+        if not label or not label.startswith("<"):
+            return label
+        inner = label[1:].split(">", 1)[0]
+        rest = label.split(">", 1)[1]
+        inner = inner.removeprefix("list[").removesuffix("]")
+        return (_HELP_TYPES.get(inner) or inner.upper()) + rest
+
+    def option(self, ctx):
+        if self.is_flag or self.is_bool_flag:
+            return None
+        return plain(option_type(self, ctx))
+
+    def argument_usage(self) -> str:
+        name = (self.metavar or self.name or "").upper()
+        name = name if self.required else f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    core.TyperOption.display_type_rich = option
+    core.TyperArgument.display_type_rich = lambda self, ctx: plain(core.TyperArgument.display_type(self, ctx))
+    core.TyperArgument._usage_display_name = argument_usage
+    core._cxr_plain_types = True

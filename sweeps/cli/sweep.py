@@ -58,7 +58,7 @@ def sweep_run(
         outcome = run_sweep(space, address=address, overrides=overrides, overwrite=overwrite, watch=live)
     _print_sweep(outcome.rows, outcome.name, top, outcome.mode)
     console.print(f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}")
-    _print_ui_hint(outcome.tracking_uri)
+    _print_next(outcome)
 
 
 _Verbose = Annotated[
@@ -116,7 +116,7 @@ def sweep_resume(
     with _sweep_ending(), LiveSweep(every) as live:
         outcome = resume_sweep(name, storage=storage, address=address, watch=live)
     _print_sweep(outcome.rows, outcome.name, 10, outcome.mode)
-    _print_ui_hint(outcome.tracking_uri)
+    _print_next(outcome)
 
 
 @sweep_app.command("status")
@@ -153,8 +153,13 @@ def _print_sweep(rows: list[dict[str, Any]], name: str, top: int, mode: str = "m
     print_table(title, columns, table)
 
 
-def _print_ui_hint(uri: str) -> None:
-    if uri.startswith("sqlite:"):
-        console.print(f"Open the MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]", soft_wrap=True)
+def _print_next(outcome) -> None:
+    """The commands that read the sweep next, ready to paste (the store may be a remote server)."""
+    import shlex
+
+    where = f"{shlex.quote(outcome.name)} --storage {shlex.quote(str(Path(outcome.path).parent))}"
+    console.print(f"Best trials: [bold]cxr-sweep best {where}[/]", soft_wrap=True)
+    if outcome.tracking_uri.startswith("sqlite:"):
+        console.print(f"MLflow UI:   [bold]cxr-sweep ui {where}[/]", soft_wrap=True)
     else:
-        console.print(f"MLflow UI: {uri}", soft_wrap=True)
+        console.print(f"MLflow UI:   {outcome.tracking_uri}", soft_wrap=True)
