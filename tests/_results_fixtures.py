@@ -95,6 +95,8 @@ def build_crafted(tmp_path: Path, *, name: str = "crafted", localization: bool =
                 "attention.threshold": thr,
                 "search.attention.lambda": lam,
                 "search.attention.threshold": thr,
+                # the loss mode: none for CE (λ = 1 takes no attention setting)
+                **({} if lam == "1.0" else {"attention.mode": "soft" if lam == "0.5" else "paper"}),
             },
         )
         m = _metrics(rng, val, test if test is not None else 0.0, localization)

@@ -127,4 +127,21 @@ def test_missing_cells_print_as_dashes(crafted, tmp_path):
     summary = _rows(tmp_path / "summary.csv")
     assert all(r["ce"] == "" and r["ce_run_id"] == "" for r in summary)
     assert all(not math.isnan(float(r["attention"])) for r in summary)
-    assert "| Sensitivity | –/" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| Sensitivity | –/" in md
+    for backbone in ("resnet50", "vgg16"):  # said, in the terminal and in the file
+        assert f"ne/{backbone}: no CE baseline" in " ".join(result.output.split())
+        assert f"> **Missing:** ne/{backbone}: no CE baseline" in md
+    assert "points_to_evaluate: [{attention.lambda: 1.0}]" in md
+
+
+def test_the_report_says_what_lambda_star_means_and_which_mode_won_each_cell(crafted, tmp_path):
+    result = _report(crafted, tmp_path)
+    assert "warning" not in result.output  # every model has its CE baseline
+    md = (tmp_path / "report.md").read_text()
+    assert "λ = *: the paper's adaptive schedule" in md and "**Missing:**" not in md
+    resnet = md.split("| resnet50 | Accuracy")[1].split("| vgg16 |")[0]
+    assert "| | mode | CE | soft | paper |" in resnet  # λ = 1, 0.5, * (r50_half won 0.5 on validation)
+    assert "Best attention setting: resnet50: soft, λ = 0.5, threshold 0.5; vgg16: soft, λ = 0.5" in md
+    detail = _rows(tmp_path / "detail.csv")
+    assert {r["mode"] for r in detail if r["lambda"] == "1"} == {"CE"}

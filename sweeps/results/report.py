@@ -40,6 +40,7 @@ class Report:
     summary: list[dict[str, object]]
     detail: list[dict[str, object]]
     files: dict[str, Path]
+    warnings: list[str]  # what the tables cannot show (a missing CE baseline), also in report.md
 
 
 def lambda_label(value: str) -> str:
@@ -86,16 +87,54 @@ def build_report(runs: list[RunRow], metric: str, out_dir: str | Path, title: st
     detail = _detail_rows(cells, metrics)
     shown = [*SUMMARY_METRICS, *localization_logged(runs)]
     summary = _summary_rows(cells, shown, metric)
+    warnings = _missing(summary)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "summary.csv": _write_csv(out / "summary.csv", summary),
         "detail.csv": _write_csv(out / "detail.csv", detail),
-        "report.md": _write(out / "report.md", _markdown(summary, detail, metric, title)),
+        "report.md": _write(out / "report.md", _markdown(summary, detail, metric, title, warnings)),
         "report.tex": _write(out / "report.tex", _latex(summary, detail, metric, title)),
         "yi_dp.png": _chart(summary, out / "yi_dp.png"),
     }
-    return Report(summary, detail, files)
+    return Report(summary, detail, files, warnings)
+
+
+def _missing(summary: list[dict[str, object]]) -> list[str]:
+    """One line per model whose CE baseline or attention side has no finished run."""
+    out = []
+    for task, backbone in dict.fromkeys((str(r["task"]), str(r["backbone"])) for r in summary):
+        row = _pick(summary, task=task, backbone=backbone)
+        if row and not row["ce_run_id"]:
+            out.append(
+                f"{task}/{backbone}: no CE baseline (no finished run with λ = 1), so its CE cells read –. "
+                "Run one first: `search: {points_to_evaluate: [{attention.lambda: 1.0}]}` in the sweep file."
+            )
+        if row and not row["attention_run_id"]:
+            out.append(
+                f"{task}/{backbone}: no finished attention run (λ ≠ 1), so its attention cells read –."
+            )
+    return out
+
+
+def _mode_of(run: RunRow) -> str:
+    """The loss mode a run trained with: ``CE`` for λ = 1 (no attention loss)."""
+    if lambda_label(run.params.get("attention.lambda", "")) == "1":
+        return "CE"
+    return run.params.get("attention.mode", "?")
+
+
+def _setting(run: RunRow) -> str:
+    """The winning run's mode and searched values, e.g. ``soft, λ = 0.874, threshold 0.61``."""
+    parts = [_mode_of(run), f"λ = {lambda_label(run.params.get('attention.lambda', '?'))}"]
+    parts += [
+        f"{k.rsplit('.', 1)[-1]} {_short(v)}" for k, v in run.searched.items() if k != "attention.lambda"
+    ]
+    return ", ".join(parts)
+
+
+def _short(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 # ---- rows --------------------------------------------------------------------------------------------
@@ -112,6 +151,7 @@ def _detail_rows(cells, metrics: list[str]) -> list[dict[str, object]]:
                     "metric": m,
                     "value": value,
                     "run_id": run.run_id,
+                    "mode": _mode_of(run),
                     "runs_in_setting": n,
                 }
             )
@@ -157,6 +197,7 @@ def _summary_rows(cells, metrics: list[str], selection: str) -> list[dict[str, o
                     "ce_run_id": ce.run_id if ce else "",
                     "attention_run_id": att.run_id if att else "",
                     "attention_lambda": lambda_label(att.params.get("attention.lambda", "")) if att else "",
+                    "attention_setting": _setting(att) if att else "",
                 }
             )
     return rows
@@ -221,15 +262,18 @@ def _mark(row: dict[str, object] | None, bold, underline) -> str:
     return text
 
 
-def _markdown(summary, detail, metric: str, title: str) -> str:
+def _markdown(summary, detail, metric: str, title: str, warnings: list[str]) -> str:
     lines = [
         f"# {title}",
         "",
         f"Every number is a `test_*` metric as logged. Runs are chosen on validation only "
         f"(`{metric_key(metric)}`) among finished runs; CE = λ 1, best attention = the best λ ≠ 1 run "
-        "of the backbone.",
+        "of the backbone. λ = a number: that fixed λ; λ = *: the paper's adaptive schedule; another "
+        "schedule by its name. Where several runs share a λ (other searched values differ), the cell is "
+        "the one chosen on validation and its mode row says which loss mode it trained with.",
         "",
     ]
+    lines += [f"> **Missing:** {w}" for w in warnings] + ([""] if warnings else [])
     for task in _tasks(summary):
         models = _backbones(summary, task)
         lines += [f"## {_task_title(task)} — CE / best attention", ""]
@@ -241,11 +285,11 @@ def _markdown(summary, detail, metric: str, title: str) -> str:
                 cells.append(f"{_fmt(r['ce'])}/{_fmt(r['attention'])}" if r else "–")
             lines.append(f"| {metric_label(m)} | " + " | ".join(cells) + " |")
         att = [
-            f"{b}: λ = {r['attention_lambda']}"
+            f"{b}: {r['attention_setting']}"
             for b in models
-            if (r := _pick(summary, task=task, backbone=b)) and r["attention_lambda"]
+            if (r := _pick(summary, task=task, backbone=b)) and r["attention_setting"]
         ]
-        lines += ["", "Best attention setting: " + (", ".join(att) or "none") + ".", ""]
+        lines += ["", "Best attention setting: " + ("; ".join(att) or "none") + ".", ""]
     for task in _tasks(detail):
         lams = _lambdas(detail, task)
         lines += [
@@ -261,6 +305,11 @@ def _markdown(summary, detail, metric: str, title: str) -> str:
                     for lam in lams
                 ]
                 lines.append(f"| {b if i == 0 else ''} | {metric_label(m)} | " + " | ".join(cells) + " |")
+            modes = [
+                str(r["mode"]) if (r := _pick(detail, task=task, backbone=b, **{"lambda": lam})) else "–"
+                for lam in lams
+            ]
+            lines.append("| | mode | " + " | ".join(modes) + " |")
         lines.append("")
     return "\n".join(lines)
 
