@@ -3,8 +3,8 @@
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: no extra
 Python package, no port). The MLflow UI is a React app that nests child runs under their parent
 collapsed, so the test waits for the parent row, clicks its expander and waits for every child.
-The REST API cross-checks the same runs. ``CXR_UI_SCREENSHOT=path`` keeps the screenshot (the one in
-docs/mlflow-ui.png was made so).
+The REST API cross-checks the same runs. ``CXR_UI_SCREENSHOTS=DIR`` keeps the screenshots (those in
+docs/img/ were made so).
 """
 
 import base64
@@ -51,6 +51,8 @@ class _Chromium:
         def wire() -> None:  # in the child: the pipe ends on the fds Chromium reads and writes
             os.dup2(to_browser, 3)
             os.dup2(from_browser, 4)
+            os.set_inheritable(3, True)  # dup2 onto itself (pipe() gave 3 or 4) keeps it non-inheritable
+            os.set_inheritable(4, True)
 
         args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-pipe"]
         self.proc = subprocess.Popen(
@@ -128,12 +130,12 @@ class _Chromium:
         os.close(self._r)
 
 
-def _start_cli_ui(sweep) -> tuple[subprocess.Popen, str]:
-    """``cxr-sweep ui SWEEP --storage ... --port 0`` as a user runs it; the URL it prints."""
+def _start_cli_ui(sweep) -> tuple[subprocess.Popen, dict[str, str]]:
+    """``cxr-sweep ui SWEEP --storage ... --port 0`` as a user runs it; the URLs it prints."""
     cli = [sys.executable, "-c", "from sweeps.cli import app; app()"]
     cmd = [*cli, "ui", sweep.name, "--storage", str(sweep.storage), "--port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    lines, urls = [], {}
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -141,10 +143,26 @@ def _start_cli_ui(sweep) -> tuple[subprocess.Popen, str]:
             break
         lines.append(line)
         if line.startswith("open http://127.0.0.1:"):
-            return proc, line.split()[1]
+            urls["trials"] = line.split()[1]
+        elif line.startswith("parallel coordinates: "):
+            urls["charts"] = line.split()[-1]
+        elif line.startswith("compare the top runs: "):
+            urls["compare"] = line.split()[-1]
+        elif line.startswith("every run (parent, trials): "):
+            urls["runs"] = line.split()[-1]
+            return proc, urls
     proc.kill()
     proc.wait()
-    raise AssertionError(f"cxr-sweep ui (exit {proc.returncode}) printed no URL:\n" + "".join(lines))
+    raise AssertionError(f"cxr-sweep ui (exit {proc.returncode}) printed no URLs:\n" + "".join(lines))
+
+
+def _shot(browser, tmp_path, name: str) -> None:
+    """A screenshot, kept in $CXR_UI_SCREENSHOTS (docs/img was made so); it must not be blank."""
+    where = Path(os.environ.get("CXR_UI_SCREENSHOTS") or tmp_path)
+    shot = where / name
+    browser.screenshot(shot)
+    with Image.open(shot) as im:
+        assert im.size[0] >= 1000 and len(im.getcolors(1 << 16) or range(1 << 16)) > 10  # not blank
 
 
 def test_ui_shows_the_sweep_parent_and_child_runs(real_sweep, chromium_binary, tmp_path):
@@ -153,24 +171,32 @@ def test_ui_shows_the_sweep_parent_and_child_runs(real_sweep, chromium_binary, t
     parent = next(r for r in runs if r.data.tags.get("cxr.kind") == "sweep")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2
-    proc, url = _start_cli_ui(real_sweep)
+    proc, urls = _start_cli_ui(real_sweep)
     browser = None
     try:
-        base = url.split("/#/")[0]
-        assert url == f"{base}/#/experiments/{parent.info.experiment_id}/runs"
+        base = urls["trials"].split("/#/")[0]
+        eid = parent.info.experiment_id
+        assert urls["runs"] == f"{base}/#/experiments/{eid}/runs"
+        assert urls["trials"] == f"{base}/#/experiments/{eid}/runs?viewStateShareKey=cxr-{real_sweep.name}"
         with urllib.request.urlopen(f"{base}/health", timeout=10) as resp:
             assert resp.status == 200
         req = urllib.request.Request(
             f"{base}/api/2.0/mlflow/runs/search",
-            data=json.dumps({"experiment_ids": [parent.info.experiment_id]}).encode(),
+            data=json.dumps({"experiment_ids": [eid]}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=30) as resp:
             served = {r["info"]["run_id"] for r in json.loads(resp.read())["runs"]}
         assert served == {r.info.run_id for r in [parent, *children]}  # the REST API behind the page
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={eid}") as resp:
+            tags = {t["key"]: t["value"] for t in json.loads(resp.read())["experiment"]["tags"]}
+        view = json.loads(tags[f"mlflow.sharedViewState.cxr-{real_sweep.name}"])  # the view the URL names
+        assert "params.`attention.lambda`" in view["selectedColumns"]
+        assert "metrics.`test_youden_index`" in view["selectedColumns"]
 
-        browser = _Chromium(chromium_binary)
-        browser.goto(url)
+        browser = _Chromium(chromium_binary, width=2200)  # wide: the chosen columns all in view
+        # the plain runs page: the parent, its trials nested under it (collapsed)
+        browser.goto(urls["runs"])
         assert browser.wait_for(f"document.body.innerText.includes({json.dumps(parent.info.run_name)})"), (
             browser.text()[:2000]
         )
@@ -179,10 +205,39 @@ def test_ui_shows_the_sweep_parent_and_child_runs(real_sweep, chromium_binary, t
         names = [c.info.run_name for c in children]
         shown = " && ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in names)
         assert browser.wait_for(shown), browser.text()[:2000]
-        shot = Path(os.environ.get("CXR_UI_SCREENSHOT") or tmp_path / "ui.png")
-        browser.screenshot(shot)
-        with Image.open(shot) as im:
-            assert im.size[0] >= 1000 and len(im.getcolors(1 << 16) or range(1 << 16)) > 10  # not blank
+        _shot(browser, tmp_path, "ui-runs.png")
+
+        # the sweep's view: the trials flat (no expander to click), best first, with the chosen columns
+        browser.goto("about:blank")
+        browser.goto(urls["trials"])
+        assert browser.wait_for(shown), browser.text()[:2000]
+        for column in ("attention.lambda", "attention.mode", "test_youden_index", "test_discriminant_power"):
+            assert browser.wait_for(f"document.body.innerText.includes({json.dumps(column)})"), column
+        text = browser.text()
+        at = [(c.data.metrics["best_val_f1_macro"], text.index(c.info.run_name)) for c in children]
+        for va, ia in at:  # a better run is listed above a worse one (ties: either way)
+            assert all(ia < ib for vb, ib in at if va > vb), (at, text[:2000])
+        _shot(browser, tmp_path, "ui-trials.png")
+
+        # the chart view of the same runs: a parallel-coordinates chart of the searched values
+        assert urls["charts"] == urls["trials"] + "&compareRunsMode=CHART"
+        browser.goto("about:blank")
+        browser.goto(urls["charts"])
+        chart = " && ".join(
+            f"document.body.innerText.includes({json.dumps(t)})"
+            for t in ("Parallel Coordinates", "search.train.lr", "test_f1_macro")  # its axes
+        )
+        assert browser.wait_for(chart), browser.text()[:2000]
+        _shot(browser, tmp_path, "ui-charts.png")
+
+        if "compare" in urls:  # two or more finished trials: side by side, parallel coordinates first
+            browser.goto("about:blank")
+            browser.goto(urls["compare"])
+            assert browser.wait_for("document.body.innerText.includes('Parallel Coordinates')"), (
+                browser.text()[:2000]
+            )
+            assert browser.wait_for(f"document.body.innerText.includes('Comparing {len(children)} Runs')")
+            _shot(browser, tmp_path, "ui-compare.png")
     finally:
         if browser is not None:
             browser.close()

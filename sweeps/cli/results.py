@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .common import TableColumn, console, fail, param_lines, print_table, user_errors
+from .common import TableColumn, console, err_console, fail, param_lines, print_table, user_errors
 
 __all__ = ["best_table", "register"]
 
@@ -147,6 +147,8 @@ def report(
             out = (storage / first / "report") if storage is not None else Path(f"report-{first}")
         title = "Sweep " + ", ".join(names)
         built = build_report(found.runs, metric or found.default_metric, out, title)
+    for warning in built.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     for name, path in built.files.items():
         console.print(f"{name}: {path}")
     if log and found.parents:
@@ -154,7 +156,7 @@ def report(
 
         log_to_parent_runs(found.tracking_uri, found.parents, built.files.values(), "report")
         for sweep, parent in found.parents.items():
-            console.print(f"logged to sweep {sweep!r} parent run {parent} under report/")
+            console.print(f"logged to sweep {sweep!r} parent run {parent} under report/", soft_wrap=True)
 
 
 # ---- export -------------------------------------------------------------------------------------------
@@ -231,7 +233,8 @@ def ui(
     tracking_uri: _Uri = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 5000,
 ) -> None:
-    """Start the MLflow UI on the sweep's tracking store (127.0.0.1 only) and print its URL."""
+    """Start the MLflow UI on the sweep's tracking store (127.0.0.1 only) and print its URLs: the
+    trials best first with their λ, mode, searched values, F1, YI and DP; the top runs compared."""
     from mlflow.tracking import MlflowClient
 
     from ..results.ui import experiment_url, start_ui, stop_ui
@@ -251,8 +254,21 @@ def ui(
     import sys
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too (finally below)
-    console.print(f"MLflow UI on {uri}")
-    console.print(f"open {experiment_url(base, exp_id)}  (Ctrl-C stops it)", soft_wrap=True)
+    try:
+        console.print(f"MLflow UI on {uri}")
+        views = _sweep_views(uri, base, sweep, storage, exp_id) if sweep is not None else None
+        if views is None:
+            console.print(f"open {experiment_url(base, exp_id)}  (Ctrl-C stops it)", soft_wrap=True)
+        else:
+            console.print(f"open {views.trials}  (Ctrl-C stops it)", soft_wrap=True)
+            console.print("  the trials best first: λ, mode, searched values, test F1, YI, DP")
+            console.print(f"parallel coordinates: {views.charts}", soft_wrap=True)
+            if views.compare:
+                console.print(f"compare the top runs: {views.compare}", soft_wrap=True)
+            console.print(f"every run (parent, trials): {views.runs}", soft_wrap=True)
+    except BaseException:
+        stop_ui(proc)
+        raise
     console.file.flush()  # the URL must reach a pipe (scripts, tests) before the wait
     try:
         proc.wait()
@@ -260,6 +276,30 @@ def ui(
         pass
     finally:
         stop_ui(proc)
+
+
+def _sweep_views(uri: str, base: str, sweep: str, storage, exp_id: str):
+    """The sweep's UI views, or None when it has no finished trial run yet (the plain runs page)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.metrics import higher_is_better
+
+    from ..results.select import metric_key, rank_runs
+    from ..results.ui import sweep_views
+    from ..tracking.lookup import SelectionError, find_runs
+
+    try:
+        found = find_runs([sweep], storage=storage, tracking_uri=uri)
+        ranked = rank_runs(found.runs, found.default_metric)
+    except SelectionError:
+        return None
+    if not ranked:
+        return None
+    key = metric_key(found.default_metric)
+    mode = "max" if higher_is_better(key) else "min"
+    searched = sorted({f"search.{k}" for r in ranked for k in r.searched})
+    top = [r.run_id for r in ranked[:5]]
+    return sweep_views(MlflowClient(uri), base, exp_id, sweep, key, mode, top, searched)
 
 
 def register(app: typer.Typer) -> None:
