@@ -37,6 +37,8 @@ def _test_images(sweep, start: int, n: int) -> torch.Tensor:
 
 def test_export_best_run_reproduces_logits_writes_a_card_and_registers(real_sweep, tmp_path):
     out = tmp_path / "export"
+    best_id = _ranked(real_sweep)[0]["run_id"]
+    trial = MlflowClient(real_sweep.uri).get_run(best_id).info  # as the sweep ended it
     args = ["export", real_sweep.name, "--storage", str(real_sweep.storage), "--out", str(out)]
     result = runner.invoke(app, [*args, "--format", "torchscript,onnx", "--name", "cxr-test-model"])
     assert result.exit_code == 0, result.output
@@ -83,6 +85,9 @@ def test_export_best_run_reproduces_logits_writes_a_card_and_registers(real_swee
         assert (registered(x) - reference).abs().max() <= 1e-4  # pt2 program, dynamic batch
     arts = {a.path for a in client.list_artifacts(best["run_id"], "export")}
     assert arts == {"export/model_card.md", "export/export.json"}
+    after = client.get_run(best["run_id"]).info  # logging the model into the run did not restamp it
+    assert (after.status, after.end_time) == (trial.status, trial.end_time)
+    assert f"(epoch {meta['best_epoch']}, counted from 0)" in card
 
 
 def test_export_by_run_id_without_registry(real_sweep, tmp_path):

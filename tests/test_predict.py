@@ -78,9 +78,11 @@ def test_predict_matches_the_original_model(original, real_export, images, tmp_p
     saved = np.load(out / "cams.npz")
     assert list(saved["names"]) == names
     np.testing.assert_allclose(saved["cams"], cam[:, 0].numpy(), atol=1e-5, rtol=0)
-    for n in names:
+    for n in names:  # readable overlays: 512 px, the prediction written in a black box, top left
         with Image.open((out / "cam" / n).with_suffix(".png")) as im:
-            assert im.size == (64, 64) and im.mode == "RGB"
+            assert im.size == (512, 512) and im.mode == "RGB"
+            corner = np.asarray(im)[:24, :120]  # a CAM blend is never pure black or pure white
+            assert (corner == 0).all(axis=2).any() and (corner == 255).all(axis=2).any()
 
 
 def test_scripted_grad_cam_equals_the_original_for_every_target_class(original, real_export, real_sweep):

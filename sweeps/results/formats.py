@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, meta: dict, path: Path)
     import onnx
 
     common = {"input_names": ["image"], "output_names": ["logits"], "opset_version": _OPSET}
+    common["verbose"] = os.environ.get("CXR_VERBOSE", "0") not in ("", "0")  # progress lines: CXR_VERBOSE=1
     exporter = "dynamo"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

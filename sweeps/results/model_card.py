@@ -69,7 +69,8 @@ def model_card(meta: dict[str, Any], payload: dict[str, Any], run: RunRow) -> st
             "",
             f"- MLflow run `{run.run_id}` ({run.run_name}), sweep `{run.sweep}`, "
             f"store `{meta['tracking_uri']}`",
-            f"- Weights: the epoch with the best validation score (epoch {meta['best_epoch']}); "
+            f"- Weights: the epoch with the best validation score (epoch {meta['best_epoch']}, "
+            "counted from 0); "
             f"selection metric `{payload['config']['train']['selection_metric']}` — test data never chose.",
             f"- Dataset cache: `{meta['dataset_cache']}`, content hash `{meta['dataset_cache_hash']}`"
             + (f", access `{meta['data_access']}`" if meta["data_access"] else ""),
@@ -144,6 +145,8 @@ def register_model(
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(uri, registry_uri=uri)
+    ended = client.get_run(run.run_id).info  # start_run/end_run would restamp the trial's end time
     with _fluent_uris(uri), mlflow.start_run(run_id=run.run_id):
         info = mlflow.pytorch.log_model(
             pytorch_model=model,
@@ -157,8 +160,8 @@ def register_model(
         )
         mlflow.log_artifact(str(out / "model_card.md"), artifact_path="export")
         mlflow.log_artifact(str(out / META_FILE), artifact_path="export")
+    client.set_terminated(run.run_id, status=ended.status, end_time=ended.end_time)
     version = str(info.registered_model_version)
-    client = MlflowClient(uri, registry_uri=uri)
     tags = {k: repr(v) for k, v in run.metrics.items() if k.startswith(("best_val_", "test_"))}
     tags.update({"cxr.run_id": run.run_id, "cxr.sweep": run.sweep, "cxr.export_dir": str(out)})
     for k, v in tags.items():

@@ -114,6 +114,9 @@ def _onnx_meta(path: Path) -> dict[str, Any]:
 
 
 # ---- images ----------------------------------------------------------------------------------------------
+OVERLAY_SIZE = 512  # px: overlays are for reading, not the network's input size
+
+
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise ExportError(f"--images {folder}: not a folder")
@@ -228,10 +231,12 @@ def predict_folder(
         overlays = []
         if cams is not None:
             np.savez_compressed(tmp / "cams.npz", names=np.array(names), cams=cams.astype(np.float32))
-            norm = meta.get("normalization", {"mean": 0.5, "std": 0.5})
-            gray01 = x[:, 0].numpy() * norm["std"] + norm["mean"]  # (N, S, S) back in [0, 1]
-            for name, img, c in zip(names, gray01, cams, strict=True):
-                overlays.append(_overlay(img, c, tmp / "cam" / name))
+            size = max(OVERLAY_SIZE, cams.shape[-1])
+            for f, name, c, p in zip(files, names, cams, probs, strict=True):
+                k = int(p.argmax())
+                label = f"{meta['classes'][k]} {p[k]:.2f}"
+                gray01 = _read_gray(f, size).astype(np.float32) / 255.0  # the image itself, not the input
+                overlays.append(_overlay(gray01, c, label, tmp / "cam" / name))
     overlays = [out / p.relative_to(tmp) for p in overlays]
     return PredictResult(out, out / "predictions.csv", overlays, names, probs, cams, runtime)
 
@@ -245,14 +250,28 @@ def _write_csv(path: Path, names: list[str], probs: np.ndarray, classes: list[st
             w.writerow([name, *(repr(float(v)) for v in p), classes[k], repr(float(p[k]))])
 
 
-def _overlay(gray01: np.ndarray, cam: np.ndarray, path: Path) -> Path:
-    """Grey image with the CAM in the jet colormap at 40% on top, as the training artifacts show it."""
+def _overlay(gray01: np.ndarray, cam: np.ndarray, label: str, path: Path) -> Path:
+    """The image (at least :data:`OVERLAY_SIZE` px) with its CAM, bilinear-upsampled, in the jet
+    colormap at 40 % on top, as the training artifacts show it, and the predicted class with its
+    probability written in the top-left corner."""
     from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
 
+    size = gray01.shape[0]
+    cam = np.asarray(
+        Image.fromarray(np.clip(cam, 0, 1).astype(np.float32)).resize((size, size), Image.BILINEAR)
+    )
     heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]  # (S, S, 3)
     grey = np.clip(gray01, 0, 1)[..., None].repeat(3, axis=2)
     rgb = (0.6 * grey + 0.4 * heat) * 255.0
+    image = Image.fromarray(np.round(rgb).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, size // 24))
+    left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+    pad = max(3, size // 128)
+    draw.rectangle((0, 0, right - left + 2 * pad, bottom - top + 2 * pad), fill=(0, 0, 0))
+    draw.text((pad - left, pad - top), label, fill=(255, 255, 255), font=font)
     path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(rgb).astype(np.uint8)).save(path)
+    image.save(path)
     return path
