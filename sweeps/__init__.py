@@ -21,8 +21,7 @@ The public API below loads lazily: ``import sweeps`` imports neither Ray nor MLf
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainer.lazy import lazy_exports
 
 __all__ = [
     "SweepSpec",
@@ -51,11 +50,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'sweeps' has no attribute {name!r}")
-    return getattr(importlib.import_module(_WHERE[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)

@@ -215,3 +215,23 @@ def test_values_that_take_no_effect_are_not_shown_as_searched():
         "attention.schedule.slope": 0.1,
         "attention.schedule.floor": 0.2,
     }
+
+
+def test_a_bad_sweep_file_is_refused_before_pytorch_or_sklearn_load():
+    """Validation answers in well under a second: it imports neither PyTorch nor scikit-learn
+    (they took ~6 s on 2 cores before any error could be printed)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sweeps.cli import app\n"
+        "sys.argv = ['cxr-sweep', 'sweep', 'run', 'search_spaces/demo.yaml', '--set', 'metric=val_f1']\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+        "heavy = sorted(m for m in ('torch', 'sklearn', 'timm', 'ray', 'mlflow') if m in sys.modules)\n"
+        "print('loaded:', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "did you mean val_f1_macro" in out.stderr
+    assert "loaded: []" in out.stdout

@@ -20,12 +20,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._registry import Registry
+
+if TYPE_CHECKING:  # PyTorch loads where tensors are made: a config check needs none
+    import torch
 
 __all__ = [
     "DEFAULT_PRIORS",
@@ -188,6 +190,8 @@ def prior_from_image(
     """The prior of one annotated X-ray (``(H, W)`` arrays: the image and its lung mask): the lesion
     box (x, y, w, h in its pixels) relative to the union box of the lung mask, as in
     :func:`prior_from_boxes`. Returns the prior and that lung box; bad input raises ``ValueError``."""
+    import torch
+
     from .data.boxes import boxes_from_masks
 
     h, w = image.shape
@@ -261,6 +265,8 @@ def prior_table(classes: Sequence[str], priors: Mapping[str, RegionPrior]) -> to
 
     Class 0 (No Finding) and classes without a prior have no box, so their region is empty.
     """
+    import torch
+
     found = [priors.get(name) if i > 0 else None for i, name in enumerate(classes)]
     k = max((len(p.boxes) for p in found if p is not None), default=1)
     table = torch.zeros(len(classes), k, 6)
@@ -278,6 +284,8 @@ def region_masks(boxes: torch.Tensor, labels: torch.Tensor, table: torch.Tensor,
     ``table`` from :func:`prior_table`. A pixel (its centre) is in a box when x0 ≤ x < x1 and
     y0 ≤ y < y1. No Finding rows (and classes without a prior) are all zero.
     """
+    import torch
+
     h, w = size
     p = table.to(boxes.device)[labels]  # (B, K, 6)
     bx, by, bw, bh = (v[:, None] for v in boxes.float().unbind(1))  # (B, 1) each

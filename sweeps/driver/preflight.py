@@ -14,7 +14,6 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from trainer.data.cache import open_cache
 from trainer.errors import ConfigError, UserError
 from trainer.metrics.names import check_metric, logged_names
 from trainer.tasks import classes_for
@@ -31,6 +30,8 @@ def check_sweep(spec: SweepSpec, address: str | None) -> str:
     uri = resolve_tracking_uri(spec=spec)
     check_tracking(uri)
     check_ray_address(address)
+    from trainer.data.cache import open_cache  # PyTorch: only once the file itself is valid
+
     cache = open_cache(
         spec.trial["data"]["cache"], classes=classes_for(spec.trial["data"]["task"]), verify=False
     )

@@ -11,8 +11,7 @@ Selection, reports and the command line read these lists: a new metric is comput
 here and named in :mod:`.names`.
 """
 
-from .classification import compute_metrics, discriminant_power, youden_index
-from .localization import LocalizationScores, cam_in_region, pointing_hits, pointing_tolerance
+from ..lazy import lazy_exports
 from .names import (
     LOCALIZATION_METRICS,
     METRIC_LABELS,
@@ -49,3 +48,16 @@ __all__ = [
     "pointing_tolerance",
     "youden_index",
 ]
+
+# the computations load on first use: a config check reads names and directions only (.names),
+# and need not import scikit-learn and PyTorch
+_WHERE = {
+    **dict.fromkeys(
+        ("compute_metrics", "discriminant_power", "youden_index"), "trainer.metrics.classification"
+    ),
+    **dict.fromkeys(
+        ("LocalizationScores", "cam_in_region", "pointing_hits", "pointing_tolerance"),
+        "trainer.metrics.localization",
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)
