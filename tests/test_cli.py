@@ -100,7 +100,7 @@ def test_phantoms_command_builds_a_cache(tmp_path):
 def test_demo_smoke_through_the_console_script(tmp_path):
     exe = Path(sys.executable).with_name("cxr-sweep")
     r = subprocess.run(
-        [str(exe), "demo", "--smoke", "--workdir", str(tmp_path / "demo")],
+        [str(exe), "demo-trial", "--smoke", "--workdir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=600,

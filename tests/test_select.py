@@ -139,3 +139,13 @@ def test_a_missing_store_is_not_created(tmp_path):
     result = runner.invoke(app, ["best", "x", "--tracking-uri", uri])
     assert result.exit_code == 2 and "no MLflow store at" in result.output
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_misspelt_sweep_name_with_storage_gets_a_suggestion(tmp_path):
+    from sweeps.space import SPEC_FILE
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / SPEC_FILE).write_text("{}")  # only its presence is read before the name matches
+    result = runner.invoke(app, ["best", "dmeo", "--storage", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "did you mean 'demo'?" in result.output and "pass --storage" not in result.output

@@ -9,6 +9,7 @@ becomes one red line on stderr and exit code :data:`EXIT_USER_ERROR`, never a tr
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -63,7 +64,8 @@ def quiet_libraries(verbose: bool) -> None:
     exporter's steps. Set before the libraries load (commands import them lazily)."""
     os.environ["CXR_VERBOSE"] = "1" if verbose else "0"
     if not verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow loads
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case it has loaded already
 
 
 def progress(what: str) -> Progress:
@@ -163,6 +165,7 @@ def _plain_table(
     return "\n".join([title, *(line(r) for r in cells)] + ([caption] if caption else []))
 
 
+_PLAIN_TYPES = False  # Typer's help patched (once per process)
 _HELP_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN"}
 
 
@@ -170,9 +173,10 @@ def plain_help_types() -> None:
     """Help in click's words: a flag shows no ``<bool>``, a value its type as ``TEXT``/``PATH``/
     ``INTEGER``, an argument its name as ``SPACE`` (Typer 0.29 prints ``<str>`` and ``{space}``).
     Typer offers no setting for it: its two display methods are replaced, once, here."""
+    global _PLAIN_TYPES
     from typer import core
 
-    if getattr(core, "_cxr_plain_types", False):
+    if _PLAIN_TYPES:
         return
     option_type = core.TyperOption.display_type_rich
 
@@ -197,4 +201,4 @@ def plain_help_types() -> None:
     core.TyperOption.display_type_rich = option
     core.TyperArgument.display_type_rich = lambda self, ctx: plain(core.TyperArgument.display_type(self, ctx))
     core.TyperArgument._usage_display_name = argument_usage
-    core._cxr_plain_types = True
+    _PLAIN_TYPES = True

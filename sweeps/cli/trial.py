@@ -160,7 +160,9 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="Override the demo's epochs.")] = None,
     smoke: Annotated[bool, typer.Option(help="Tiny and fast: for tests.")] = False,
 ) -> None:
-    """Generate phantoms, build the cache and train one trial with the embedded defaults."""
+    """One trial on fresh phantoms with the embedded defaults (the demo sweep is `make demo`).
+
+    Generates the phantoms, builds their dataset cache and trains one trial, logged to MLflow."""
     from trainer.config import TrialConfig
     from trainer.data.phantom import generate
     from trainer.data.sources import cache_from_phantoms
@@ -187,6 +189,9 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``phantoms``, ``train`` and ``demo`` to the ``cxr-sweep`` app."""
-    for fn in (phantoms, train, demo):
+    """Add ``phantoms``, ``train`` and ``demo-trial`` to the ``cxr-sweep`` app. ``demo`` (its old
+    name, hidden) still works: `make demo` runs the demo *sweep*, this command one trial."""
+    for fn in (phantoms, train):
         app.command(fn.__name__)(fn)
+    app.command("demo-trial")(demo)
+    app.command("demo", hidden=True, help="Old name of demo-trial.")(demo)

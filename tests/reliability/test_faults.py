@@ -137,7 +137,6 @@ def test_driver_killed_mid_sweep_is_finished_by_resume(ne_cache, tmp_path):
         text=True,
         timeout=600,
     )
-    Path("/tmp/resume_debug.log").write_text(resume.stdout + "\n----\n" + resume.stderr)
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     print(f"{before} trial(s) finished before the kill")
     _assert_one_run_per_trial_and_no_duplicate_epochs(tmp_path, 4)
