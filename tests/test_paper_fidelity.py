@@ -177,6 +177,8 @@ def _space(tmp_path, **changes) -> str:
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "search_spaces/demo.yaml").read_text())
     raw.update(changes)
+    if "params" in changes:  # the demo's first point (λ = 1) names its own λ parameter
+        raw["search"].pop("points_to_evaluate", None)
     raw["trial"]["data"]["cache"] = str(root / "demo-output/cache/ne")
     f = tmp_path / "space.yaml"
     f.write_text(yaml.safe_dump(raw))

@@ -57,6 +57,7 @@ def test_bad_schedule_parameters_name_the_field(schedule, message):
 def _space(tmp_path, lam: dict) -> Path:
     raw = yaml.safe_load((ROOT / "search_spaces/demo.yaml").read_text())
     raw["params"]["attention.lambda"] = lam
+    raw["search"].pop("points_to_evaluate", None)  # the demo's λ = 1 point: not in every λ space
     raw["trial"]["data"]["cache"] = str(ROOT / "demo-output/cache/ne")
     raw["storage_path"] = str(tmp_path / "sweeps")
     f = tmp_path / "space.yaml"

@@ -71,7 +71,7 @@ def _execute(
         mark_driver(spec, "interrupted")
         raise SweepInterrupted(spec, _saved_rows(spec)) from None
     except BaseException as e:
-        _failed(spec, uri, parent, e)
+        _failed(spec, uri, parent, e, keep=restore)
     final = last_snapshot()
     interrupted = final.interrupted if final is not None and final.final else _unfinished(rows)
     if interrupted:
@@ -94,9 +94,10 @@ def _execute(
     )
 
 
-def _failed(spec: SweepSpec, uri: str, parent: str, error: BaseException) -> NoReturn:
+def _failed(spec: SweepSpec, uri: str, parent: str, error: BaseException, *, keep: bool) -> NoReturn:
     """A failure after the checks: the traceback to a log file, no run left RUNNING, one line raised.
-    A sweep that had finished no trial leaves nothing in storage that would block its name."""
+    A new sweep that had finished no trial leaves nothing in storage that would block its name
+    (a resumed one, ``keep``, stays resumable)."""
     from ..tracking.parent import fail_parent_run
 
     cause = root_cause(error)
@@ -104,7 +105,7 @@ def _failed(spec: SweepSpec, uri: str, parent: str, error: BaseException) -> NoR
     with contextlib.suppress(Exception):  # the store itself may be what failed
         fail_parent_run(uri, parent, one_line(cause))
     rows = _saved_rows(spec)
-    if not spec.remote_storage and not any(r["state"] in ("DONE", "STOPPED") for r in rows):
+    if not keep and not spec.remote_storage and not any(r["state"] in ("DONE", "STOPPED") for r in rows):
         shutil.rmtree(sweep_dir(spec), ignore_errors=True)
     else:
         mark_driver(spec, "failed")
