@@ -170,6 +170,9 @@ def run_trial(
     model.load_state_dict(best["state_dict"])
     best_row = _best_row(progress)
     test = evaluate(model, loaders["test"], prep, cfg, table, amp, best_row["lambda"], keep_examples=16)
+    # the best model's validation predictions too (one more pass): comparisons after the fact
+    # (bootstrap intervals, paired tests) need both splits image by image
+    val_best = evaluate(model, loaders["val"], prep, cfg, table, amp, best_row["lambda"])
     result: dict[str, Any] = {
         "name": cfg.name,
         "best_epoch": progress.best_epoch,
@@ -184,6 +187,10 @@ def run_trial(
     result["output_dir"] = str(out)
     result["data_access"] = cache.data_access
     result["artifacts"] = [str(p) for p in _write_artifacts(out / "artifacts", test, cfg, cache)]
+    splits = {"val": val_best, "test": test}
+    result["predictions_path"] = str(
+        write_predictions(out / PREDICTIONS_FILE, cache, cfg.data.classes, splits)
+    )
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -267,6 +274,31 @@ def plateau_scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer):
         min_lr=cfg.train.plateau_min_lr,
     )
     return scheduler, watched
+
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def write_predictions(
+    path: Path, cache: Cache, classes: tuple[str, ...] | list[str], splits: dict[str, dict[str, Any]]
+) -> Path:
+    """One row per image of each split: ``split, row, label, p_<class>...``, ``row`` its index in
+    the cache (the loaders read a split in cache order), probabilities at full precision. It holds
+    no patient identifier or path, so it may leave the cluster whatever the data's access level."""
+    import csv
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "row", "label", *(f"p_{c}" for c in classes)])
+        for split, ev in splits.items():
+            rows = cache.split_indices(split)
+            if len(rows) != len(ev["y_true"]):
+                raise RuntimeError(f"{split}: {len(ev['y_true'])} predictions for {len(rows)} cache rows")
+            for r, y, p in zip(rows, ev["y_true"], ev["y_prob"], strict=True):
+                w.writerow([split, int(r), int(y), *(repr(float(v)) for v in p)])
+    tmp.replace(path)
+    return path
 
 
 def amp_dtype(cfg: TrialConfig, device: torch.device) -> torch.dtype | None:

@@ -26,6 +26,7 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray import tune
 
     from trainer import run_trial
+    from trainer.loop import PREDICTIONS_FILE
 
     sweep = SweepSpec.model_validate(spec)
     ctx = tune.get_context()
@@ -62,7 +63,7 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
         (final_dir / "plots").mkdir(parents=True)
         for p in map(Path, result["artifacts"]):
             shutil.copy2(p, final_dir / "plots" / p.name)
-        for name in ("config.resolved.yaml", "model.pt", "result.json"):
+        for name in ("config.resolved.yaml", "model.pt", "result.json", PREDICTIONS_FILE):
             shutil.copy2(cfg.output_dir / name, final_dir / name)
         summary = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         summary.update(

@@ -25,11 +25,13 @@ from .runs import (
     CAM_ZERO_TAG,
     MAX_ERROR,
     MODEL_URI_TAG,
+    PREDICTIONS_FILE,
     dataset_tags,
     finite_metrics,
     log_metrics,
     log_params,
     log_plots,
+    log_predictions,
     log_text_file,
     redact,
     run_title,
@@ -296,6 +298,7 @@ class MlflowSweepCallback(Callback):
         config = local / "config.resolved.yaml"
         if config.is_file():
             log_text_file(self.client, run_id, config)
+        log_predictions(self.client, run_id, local / PREDICTIONS_FILE)
         log_plots(self.client, run_id, sorted((local / "plots").glob("*.png")), data_access)
 
 

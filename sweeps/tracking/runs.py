@@ -27,17 +27,20 @@ __all__ = [
     "CAM_ZERO_TAG",
     "MAX_ERROR",
     "MODEL_URI_TAG",
+    "PREDICTIONS_FILE",
     "TrialRun",
     "dataset_tags",
     "experiment_id",
     "log_metrics",
     "log_params",
     "log_plots",
+    "log_predictions",
     "log_text_file",
     "redact",
     "run_title",
 ]
 
+PREDICTIONS_FILE = "predictions.csv"  # as trainer.loop writes it (tests check they agree)
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 MAX_ERROR = 4000  # characters of an error kept in the run's `error` tag
 MODEL_URI_TAG = "cxr.model_uri"  # where a finished trial's model.pt lies (read by `cxr-sweep export`)
@@ -115,6 +118,13 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step
     return len(items)
 
 
+def log_predictions(client: MlflowClient, run_id: str, path: str | Path) -> None:
+    """A trial's per-image predictions (``predictions.csv``: split, cache row, label, class
+    probabilities; no identifier or path of a patient) under ``predictions/``, if it wrote them."""
+    if Path(path).is_file():
+        client.log_artifact(run_id, str(path), artifact_path="predictions")
+
+
 def log_plots(client: MlflowClient, run_id: str, paths: Iterable[str | Path], data_access: str) -> None:
     """Upload plot PNGs under ``plots/``; Grad-CAM overlays (patient images) only for shareable data."""
     for p in map(Path, paths):
@@ -189,6 +199,8 @@ class TrialRun:
         summary["epochs_run"] = result.get("epochs_run", 0)
         log_metrics(self.client, self.run_id, summary)
         log_plots(self.client, self.run_id, result.get("artifacts", []), result.get("data_access", "private"))
+        if result.get("predictions_path"):
+            log_predictions(self.client, self.run_id, result["predictions_path"])
         if result.get("model_path"):
             self.set_tags({MODEL_URI_TAG: str(result["model_path"])})
 
