@@ -95,3 +95,14 @@ def test_step_time_reference_variant_for_vgg_heads():
     for kind in ("soft", "soft_ref"):
         assert case.step(kind) > 0
     assert trainer.cam.grad_cam_parts is grad_cam_parts  # the product's path is restored after the step
+
+
+def test_compare_time_smoke(tmp_path):
+    import compare_time
+
+    out = tmp_path / "ct.json"
+    assert (
+        compare_time.main(["--images", "100", "--resamples", "200", "--repeats", "1", "--out", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    assert [r["classes"] for r in report["results"]] == [2, 3] and report["results"][0]["median_s"] > 0

@@ -188,3 +188,19 @@ def test_best_json_has_numbers(two_sweeps):
         isinstance(v, float | int | bool) or v == "adaptive" for r in rows for v in r["searched"].values()
     )
     assert rows[0]["searched"]["attention.threshold"] == 0.5
+
+
+def test_a_cell_is_shown_as_written_not_read_as_markup(monkeypatch):
+    """Run names end in a trial id in brackets: rich must not take `[a29f8177]` for a style tag."""
+    import io
+
+    from rich.console import Console
+
+    import sweeps.cli.common as common
+
+    out = io.StringIO()
+    monkeypatch.setattr(
+        common, "console", Console(file=out, force_terminal=True, width=100, color_system=None)
+    )
+    common.print_table("t", [common.TableColumn("run")], [["soft λ=0.5 t=0.3 [a29f8177]"], ["[bold]x[/]"]])
+    assert "soft λ=0.5 t=0.3 [a29f8177]" in out.getvalue() and "[bold]x[/]" in out.getvalue()

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from trainer.errors import UserError
 
@@ -135,7 +136,7 @@ def print_table(
         width = _cell_width(col.name, [r[i] for r in rows])
         table.add_column(col.name, justify=col.justify, overflow="fold", min_width=width)  # type: ignore[arg-type]
     for row in rows:
-        table.add_row(*(row[i] for i in keep))
+        table.add_row(*(Text(row[i]) for i in keep))  # cells are data: `[a29f8177]` is no markup tag
     console.print(table)
 
 

@@ -159,6 +159,89 @@ def report(
             console.print(f"logged to sweep {sweep!r} parent run {parent} under report/", soft_wrap=True)
 
 
+# ---- compare ------------------------------------------------------------------------------------------
+def compare(
+    sweeps: _Sweeps = None,
+    storage: _Storage = None,
+    tracking_uri: _Uri = None,
+    experiment: _Experiment = None,
+    filter_: _Filter = None,
+    metric: _Metric = None,
+    baseline: Annotated[
+        str, typer.Option(help="The baseline runs: key=value on the run params.")
+    ] = "attention.lambda=1",
+    candidates: Annotated[
+        str, typer.Option(help="best, top-N or all: the other runs, ranked on validation.")
+    ] = "best",
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    alpha: Annotated[float, typer.Option(help="Significance level of the verdicts.")] = 0.05,
+    min_images: Annotated[int, typer.Option(help="Fewest test images an interval is given for.")] = 20,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for compare.json/.md/.tex (default: <storage>/<sweep>/compare)."),
+    ] = None,
+    log: Annotated[
+        bool, typer.Option(help="Log the files to each sweep's parent run under compare/.")
+    ] = True,
+) -> None:
+    """Does the attention loss beat CE? The best attention run(s) against the CE baseline on the
+    same test images: Δ with bootstrap intervals, DeLong, McNemar, Holm."""
+    from ..results.compare import compare_runs, write_comparison
+
+    with user_errors(*_RESULT_ERRORS):
+        found = _runs(sweeps, storage, tracking_uri, experiment, filter_, False)
+        names = list(sweeps or []) or list(experiment or [])
+        comps = compare_runs(
+            found.runs,
+            found.tracking_uri,
+            metric or found.default_metric,
+            baseline=baseline,
+            candidates=candidates,
+            n_resamples=resamples,
+            seed=seed,
+            alpha=alpha,
+            min_images=min_images,
+        )
+        if out is None:
+            first = names[0]
+            out = (storage / first / "compare") if storage is not None else Path(f"compare-{first}")
+        files = write_comparison(comps, out, resamples, seed)
+    columns = [TableColumn("task/model"), TableColumn("candidate"), TableColumn("baseline", drop=3)]
+    columns += [TableColumn(f"Δ {metric_label_short(m)}", "right", drop) for m, drop in _COMPARED]
+    columns += [TableColumn("p ΔF1", "right")]
+    rows = []
+    for c in comps:
+        deltas = [
+            f"{c.deltas[m].delta:+.3f}\n[{c.deltas[m].low:+.3f}, {c.deltas[m].high:+.3f}]"
+            for m, _ in _COMPARED
+        ]
+        rows.append(
+            [f"{c.task}/{c.backbone}", c.candidate.run_name, c.baseline.run_name, *deltas, f"{c.p_f1:.2g}"]
+        )
+    title = f"candidate − baseline on the test set, 95 % paired bootstrap intervals ({resamples} resamples)"
+    print_table(title, columns, rows, f"tracking store: {found.tracking_uri}")
+    for c in comps:
+        console.print(c.verdict, highlight=False, soft_wrap=True, markup=False)
+    for name, path in files.items():
+        console.print(f"{name}: {path}", soft_wrap=True)
+    if log and found.parents:
+        from ..tracking.parent import log_to_parent_runs
+
+        log_to_parent_runs(found.tracking_uri, found.parents, files.values(), "compare")
+        for sweep, parent in found.parents.items():
+            console.print(f"logged to sweep {sweep!r} parent run {parent} under compare/", soft_wrap=True)
+
+
+_COMPARED = (("f1_macro", 0), ("youden_index", 1), ("discriminant_power", 2), ("accuracy", 4), ("auc", 3))
+
+
+def metric_label_short(name: str) -> str:
+    from trainer.metrics import metric_label
+
+    return metric_label(name, short=True)
+
+
 # ---- export -------------------------------------------------------------------------------------------
 def export(
     source: Annotated[
@@ -194,7 +277,9 @@ def export(
             registered_name=name,
             overwrite=overwrite,
         )
-    console.print(f"run {result.run.run_id} ({result.run.run_name}) of sweep {result.run.sweep!r}")
+    console.print(
+        f"run {result.run.run_id} ({result.run.run_name}) of sweep {result.run.sweep!r}", markup=False
+    )
     for fmt, path in result.files.items():
         diff = result.max_abs_diff.get(fmt)
         console.print(f"{fmt}: {path}" + (f"  (max |Δlogit| {diff:.2e})" if diff is not None else ""))
@@ -304,5 +389,5 @@ def _sweep_views(uri: str, base: str, sweep: str, storage, exp_id: str):
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    for fn in (best, report, export, predict, ui):
+    for fn in (best, report, compare, export, predict, ui):
         app.command(fn.__name__)(fn)
