@@ -65,6 +65,17 @@ def sweep_overrides(cache: Path, storage: Path, **extra: str) -> list[str]:
     return [f"{k}={v}" for k, v in sets.items()]
 
 
+def epochs_logged(db: Path) -> int:
+    """Training epochs logged so far in a sqlite MLflow store (read-only, while a sweep writes it)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT COUNT(*) FROM metrics WHERE key = 'train_loss'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
 def sweep_runs(tracking_uri: str, experiment: str):
     """(client, parent runs, child runs) of one sweep experiment."""
     from mlflow.tracking import MlflowClient

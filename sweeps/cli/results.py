@@ -142,21 +142,32 @@ def report(
     with user_errors(*_RESULT_ERRORS):
         found = _runs(sweeps, storage, tracking_uri, experiment, filter_, False)
         names = list(sweeps or []) or list(experiment or [])
-        if out is None:
-            first = names[0]
-            out = (storage / first / "report") if storage is not None else Path(f"report-{first}")
+        out = out or _default_out(storage, names, "report")
         title = "Sweep " + ", ".join(names)
         built = build_report(found.runs, metric or found.default_metric, out, title)
     for warning in built.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     for name, path in built.files.items():
         console.print(f"{name}: {path}")
-    if log and found.parents:
-        from ..tracking.parent import log_to_parent_runs
+    if log:
+        _log_to_parents(found, built.files.values(), "report")
 
-        log_to_parent_runs(found.tracking_uri, found.parents, built.files.values(), "report")
-        for sweep, parent in found.parents.items():
-            console.print(f"logged to sweep {sweep!r} parent run {parent} under report/", soft_wrap=True)
+
+def _default_out(storage: Path | None, names: list[str], what: str) -> Path:
+    """``<storage>/<first sweep>/<what>``, or ``./<what>-<first sweep>`` without a storage folder."""
+    first = names[0]
+    return (storage / first / what) if storage is not None else Path(f"{what}-{first}")
+
+
+def _log_to_parents(found, files, what: str) -> None:
+    """Log ``files`` to each sweep's parent run under ``<what>/`` and say so."""
+    if not found.parents:
+        return
+    from ..tracking.parent import log_to_parent_runs
+
+    log_to_parent_runs(found.tracking_uri, found.parents, files, what)
+    for sweep, parent in found.parents.items():
+        console.print(f"logged to sweep {sweep!r} parent run {parent} under {what}/", soft_wrap=True)
 
 
 # ---- compare ------------------------------------------------------------------------------------------
@@ -203,9 +214,7 @@ def compare(
             alpha=alpha,
             min_images=min_images,
         )
-        if out is None:
-            first = names[0]
-            out = (storage / first / "compare") if storage is not None else Path(f"compare-{first}")
+        out = out or _default_out(storage, names, "compare")
         files = write_comparison(comps, out, resamples, seed)
     columns = [TableColumn("task/model"), TableColumn("candidate"), TableColumn("baseline", drop=3)]
     columns += [TableColumn(f"Δ {metric_label_short(m)}", "right", drop) for m, drop in _COMPARED]
@@ -225,12 +234,8 @@ def compare(
         console.print(c.verdict, highlight=False, soft_wrap=True, markup=False)
     for name, path in files.items():
         console.print(f"{name}: {path}", soft_wrap=True)
-    if log and found.parents:
-        from ..tracking.parent import log_to_parent_runs
-
-        log_to_parent_runs(found.tracking_uri, found.parents, files.values(), "compare")
-        for sweep, parent in found.parents.items():
-            console.print(f"logged to sweep {sweep!r} parent run {parent} under compare/", soft_wrap=True)
+    if log:
+        _log_to_parents(found, files.values(), "compare")
 
 
 _COMPARED = (("f1_macro", 0), ("youden_index", 1), ("discriminant_power", 2), ("accuracy", 4), ("auc", 3))

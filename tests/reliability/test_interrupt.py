@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sweep_overrides, sweep_runs
+from tests.conftest import epochs_logged, sweep_overrides, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "search_spaces" / "demo.yaml"
@@ -44,14 +43,6 @@ def _args(cache: Path, storage: Path, **extra: str) -> list[str]:
     return ["sweep", "run", str(DEMO), *[a for s in sets for a in ("--set", s)]]
 
 
-def _epochs_logged(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT COUNT(*) FROM metrics WHERE key = 'train_loss'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
@@ -64,7 +55,7 @@ def test_ctrl_c_ends_resumable_and_resume_finishes_every_trial(ne_cache, tmp_pat
         [*CLI, *args], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.monotonic() + 300
-    while _epochs_logged(tmp_path / "mlflow.db") < 1:
+    while epochs_logged(tmp_path / "mlflow.db") < 1:
         assert driver.poll() is None, driver.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "no epoch logged in 5 minutes"
         time.sleep(0.5)

@@ -9,7 +9,6 @@ sweeps/tracking/callback.py); a store that never comes back is reported per tria
 from __future__ import annotations
 
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sweep_overrides
+from tests.conftest import epochs_logged, sweep_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -78,14 +77,6 @@ class Server:
             self.proc.wait()
 
 
-def _epochs_logged(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT COUNT(*) FROM metrics WHERE key = 'train_loss'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def test_tracking_server_lost_mid_sweep_every_metric_arrives_when_it_is_back(ne_cache, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
@@ -97,7 +88,7 @@ def test_tracking_server_lost_mid_sweep_every_metric_arrives_when_it_is_back(ne_
     outage: dict[str, float] = {}
 
     def chaos() -> None:
-        while _epochs_logged(server.db) < 2:
+        while epochs_logged(server.db) < 2:
             time.sleep(0.2)
         server.stop()
         outage["down"] = time.monotonic()
