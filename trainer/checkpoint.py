@@ -26,6 +26,7 @@ __all__ = [
     "floats",
     "load_checkpoint",
     "model_payload",
+    "read_progress",
     "save_checkpoint",
 ]
 
@@ -95,6 +96,14 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, scaler, progres
         },
         ckpt_dir / STATE_FILE,
     )
+
+
+def read_progress(ckpt_dir: Path) -> Progress:
+    """The loop state of checkpoint ``ckpt_dir`` alone (tensors only: nothing in it runs code)."""
+    f = ckpt_dir / STATE_FILE
+    if not f.is_file():
+        raise CheckpointMismatchError(f"{ckpt_dir}: not a trial checkpoint (no {STATE_FILE})")
+    return Progress(**torch.load(f, map_location="cpu", weights_only=True)["progress"])
 
 
 def load_checkpoint(ckpt_dir: Path, cfg, model, optimizer, scheduler, scaler, device) -> Progress:

@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .checkpoint import (
     floats,
     load_checkpoint,
     model_payload,
+    read_progress,
     save_checkpoint,
 )
 from .config import ConfigError, TrialConfig, load_config
@@ -47,10 +48,12 @@ __all__ = [
     "CheckpointMismatchError",
     "TrialDiverged",
     "amp_dtype",
+    "last_report",
     "plateau_scheduler",
     "resolve_device",
     "run_trial",
     "split_loader",
+    "trial_steps",
 ]
 
 Report = Callable[[dict[str, float], int, Path], None]
@@ -71,6 +74,25 @@ def run_trial(
 
     ``resume_from``: a checkpoint directory given to ``report`` earlier; training continues at
     the epoch after it, bit-for-bit as if never interrupted (on CPU).
+    """
+    steps = trial_steps(config, resume_from=resume_from)
+    while True:
+        try:
+            metrics, epoch, ckpt_dir = next(steps)
+        except StopIteration as done:
+            return done.value
+        if report is not None:
+            report(metrics, epoch, ckpt_dir)
+
+
+def trial_steps(
+    config: TrialConfig | dict[str, Any] | str | Path,
+    *,
+    resume_from: str | Path | None = None,
+) -> Generator[tuple[dict[str, float], int, Path], None, dict[str, Any]]:
+    """:func:`run_trial` one epoch at a time: yields ``(metrics, epoch, checkpoint_dir)`` after each
+    epoch's checkpoint is on disk and returns the trial's result. Several trials stepped in turn
+    (seed repeats, :mod:`trainer.repeats`) each give what they give alone: every epoch reseeds.
     """
     cfg = load_config(config).resolve_paths()
     out = cfg.output_dir
@@ -120,7 +142,9 @@ def run_trial(
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(resume_from) / BEST_FILE, ckpt_dir / BEST_FILE)
 
-    for epoch in range(progress.next_epoch, cfg.train.epochs):
+    # a checkpoint of a trial that had stopped early (then crashed before its test) trains no more
+    stopped = progress.stale_epochs >= cfg.train.early_stop_patience
+    for epoch in range(cfg.train.epochs if stopped else progress.next_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
         _seed_all(cfg.train.seed * 100_003 + epoch)  # order, augmentation, dropout: f(seed, epoch)
         lam = cfg.attention.lambda_at(epoch)
@@ -161,8 +185,8 @@ def run_trial(
         progress.history.append(metrics)
         progress.next_epoch = epoch + 1
         save_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler, progress, cfg)
-        if report is not None:  # with the best epoch so far: the trial's rule is the one that picks it
-            report({**metrics, **_best_so_far(progress)}, epoch, ckpt_dir)
+        # with the best epoch so far: the trial's rule is the one that picks it
+        yield {**metrics, **_best_so_far(progress)}, epoch, ckpt_dir
         if progress.stale_epochs >= cfg.train.early_stop_patience:
             break
 
@@ -198,6 +222,12 @@ def run_trial(
 # ---- helpers --------------------------------------------------------------------------------------
 def _best_row(progress: Progress) -> dict[str, float]:
     return next(h for h in progress.history if int(h["epoch"]) == progress.best_epoch)
+
+
+def last_report(ckpt_dir: str | Path) -> dict[str, float] | None:
+    """What the trial of checkpoint ``ckpt_dir`` reported for its last epoch, or None before any."""
+    progress = read_progress(Path(ckpt_dir))
+    return {**progress.history[-1], **_best_so_far(progress)} if progress.history else None
 
 
 def _best_so_far(progress: Progress) -> dict[str, float]:
