@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from trainer.config import AttentionConfig, TrialConfig, resolve_priors_file
 from trainer.dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping, set_dotted
@@ -28,6 +28,7 @@ from trainer.errors import ConfigError, UserError
 from trainer.metrics.names import check_metric, higher_is_better, logged_names
 
 from .params import Param
+from .sections import MlflowConfig, Resources, SchedulerConfig, SearchConfig, Strict
 
 __all__ = [
     "FINAL_KEY",
@@ -48,51 +49,7 @@ SPEC_FILE = "cxr_sweep.json"  # the resolved sweep, saved beside Ray's experimen
 FINAL_KEY = "trial_done"  # set on a trial's last report, which carries its best_val_* and test_* summaries
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SearchConfig(_Strict):
-    algorithm: Literal["optuna", "random", "grid"] = Field(
-        "optuna", description="optuna: TPE via Ray's OptunaSearch; random; grid: every grid value."
-    )
-    seed: int | None = Field(0, description="Searcher seed (reproducible suggestions).")
-    points_to_evaluate: list[dict[str, Any]] = Field(
-        default_factory=list,
-        description="Trials to run first, each a mapping of searched keys to values; what a point leaves "
-        "out is drawn. E.g. [{attention.lambda: 1.0}]: the cross-entropy baseline. They count in "
-        "num_samples. Random search with points runs on Optuna's RandomSampler (Ray's variant "
-        "generator cannot preset the λ parameter).",
-    )
-
-
-class SchedulerConfig(_Strict):
-    type: Literal["asha", "fifo"] = Field("asha", description="asha: early-stop weak trials; fifo: none.")
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped.")
-    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA: keep 1/reduction_factor per rung.")
-    max_t: int | None = Field(None, ge=1, description="ASHA: max epochs (default: trial train.epochs).")
-
-
-class Resources(_Strict):
-    cpu: float = Field(1.0, gt=0, description="CPUs per trial.")
-    gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractional (e.g. 0.5) packs trials.")
-
-    @field_validator("gpu")
-    @classmethod
-    def _fraction_or_whole(cls, v: float) -> float:
-        if v > 1 and not float(v).is_integer():
-            raise ValueError(f"more than one GPU must be a whole number, got {v}")
-        return v
-
-
-class MlflowConfig(_Strict):
-    tracking_uri: str | None = Field(
-        None, description="Tracking server; default $MLFLOW_TRACKING_URI, else a sqlite file in storage."
-    )
-    experiment: str | None = Field(None, description="Experiment name (default: the sweep name).")
-
-
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Sweep name.")
     description: str = ""
     trial: dict[str, Any] = Field(description="Trial-config defaults (see configs/trial.yaml).")
@@ -100,6 +57,13 @@ class SweepSpec(_Strict):
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     num_samples: int = Field(8, ge=1, description="Trials (grid: repeats of the whole grid).")
+    repeats: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Seeds per configuration: each trial trains train.seed, +1, … in lockstep and reports "
+        "their mean per epoch, so the searcher and ASHA see one value per configuration.",
+    )
     resources: Resources = Resources()
     max_concurrent_trials: int | None = Field(None, ge=1, description="Cap on trials running at once.")
     metric: str = Field(
@@ -183,6 +147,15 @@ class SweepSpec(_Strict):
                     self.params[key].first(key, value)
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _repeats_own_the_seed(self):
+        if self.repeats > 1 and "train.seed" in self.params:
+            raise ValueError(
+                f"params.train.seed: with repeats: {self.repeats} every configuration trains seeds "
+                "train.seed, +1, …; search the seed or repeat it, not both"
+            )
         return self
 
     def first_points(self) -> list[dict[str, Any]]:

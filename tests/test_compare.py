@@ -11,14 +11,16 @@ from typer.testing import CliRunner
 from sweeps.cli import app
 from sweeps.results.stats import (
     BOOTSTRAP_METRICS,
+    bootstrap_intervals,
     bootstrap_metrics,
     delong,
     holm,
     mcnemar_exact,
     paired_bootstrap,
+    paired_seeds,
     stratified_indices,
 )
-from trainer.metrics import compute_metrics
+from trainer.metrics import METRIC_NAMES, compute_metrics
 
 from . import _results_fixtures as fx
 
@@ -39,13 +41,14 @@ def test_the_bootstrap_metrics_are_the_logged_metrics_on_the_full_set(n_classes,
     labels, probs = _predictions(rng, n, n_classes, 1.0)
     got = bootstrap_metrics(labels, probs, np.arange(n)[None])
     want = compute_metrics(labels, probs)
-    for m in BOOTSTRAP_METRICS:
+    assert set(got) == set(METRIC_NAMES) >= set(BOOTSTRAP_METRICS)  # every contract metric (report --ci)
+    for m in METRIC_NAMES:
         assert math.isclose(got[m][0], want[m], rel_tol=0, abs_tol=1e-12), (m, got[m][0], want[m])
     idx = stratified_indices(labels, 50, seed=1)  # and on every resample
     for b in (0, 17, 49):
         again = compute_metrics(labels[idx[b]], probs[idx[b]])
         each = bootstrap_metrics(labels, probs, idx[b : b + 1])
-        assert all(math.isclose(each[m][0], again[m], abs_tol=1e-12) for m in BOOTSTRAP_METRICS)
+        assert all(math.isclose(each[m][0], again[m], abs_tol=1e-12) for m in METRIC_NAMES), b
 
 
 def test_stratified_resamples_keep_the_class_counts():
@@ -158,3 +161,35 @@ def test_compare_refuses_bad_input_in_one_line(real_sweep, tmp_path, extra, mess
     result = runner.invoke(app, [*args, *extra])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_holm_leaves_a_test_that_could_not_be_made_out():
+    assert holm([0.01, math.nan, 0.04]) == pytest.approx([0.02, math.nan, 0.04], nan_ok=True)
+
+
+def test_paired_seeds_is_the_paired_t_test():
+    base, cand = [0.60, 0.64, 0.58, 0.66], [0.63, 0.69, 0.60, 0.70]
+    got = paired_seeds(base, cand)
+    want = sps.ttest_rel(cand, base)
+    assert got["p"] == pytest.approx(want.pvalue) and got["t"] == pytest.approx(want.statistic)
+    assert got["n_seeds"] == 4 and got["delta_mean"] == pytest.approx(np.mean(np.subtract(cand, base)))
+    assert got["candidate_std"] == pytest.approx(np.std(cand, ddof=1))
+    assert math.isnan(paired_seeds([0.5], [0.6])["p"])  # one pair: nothing to test
+    assert math.isnan(paired_seeds([0.5, 0.6], [0.5, 0.6])["p"])  # no spread in Δ
+
+
+def test_seed_repeats_in_the_bootstrap_are_the_mean_over_seeds():
+    rng = np.random.default_rng(5)
+    labels, pa = _predictions(rng, 200, 2, 1.0)
+    seeds_a = np.stack([pa, _predictions(np.random.default_rng(6), 200, 2, 1.0)[1]])
+    seeds_b = np.stack([_predictions(np.random.default_rng(s), 200, 2, 1.5)[1] for s in (7, 8)])
+    got = paired_bootstrap(labels, seeds_a, seeds_b, n_resamples=300, seed=2)
+    full = np.arange(200)[None]
+    for m in BOOTSTRAP_METRICS:
+        mean_a = np.mean([bootstrap_metrics(labels, p, full)[m][0] for p in seeds_a])
+        mean_b = np.mean([bootstrap_metrics(labels, p, full)[m][0] for p in seeds_b])
+        assert got[m].delta == pytest.approx(mean_b - mean_a, abs=1e-12)
+    intervals = bootstrap_intervals(labels, seeds_b, n_resamples=300, seed=2)
+    assert set(intervals) == set(METRIC_NAMES)
+    f1 = np.mean([compute_metrics(labels, p)["f1_macro"] for p in seeds_b])
+    assert intervals["f1_macro"][0] < f1 < intervals["f1_macro"][1]

@@ -71,6 +71,11 @@ def test_paper_grid_is_the_papers_grid():
         ({"search__points_to_evaluate": [{"train.lr": 1.0}]}, r"\[0\].train.lr: 1.0 is outside \[0.0003"),
         ({"search__points_to_evaluate": [{"attention.lambda": "cosine"}]}, r"'cosine' is not a searched λ"),
         ({"num_samples": 1, "search__points_to_evaluate": [{}, {}]}, r"2 points but num_samples is 1"),
+        ({"repeats": 0}, r"repeats: .*greater than or equal to 1"),
+        (
+            {"repeats": 3, "params__train.seed": {"type": "choice", "values": [0, 1]}},
+            r"params.train.seed: with repeats: 3 every configuration trains seeds",
+        ),
     ],
 )
 def test_bad_sweep_files_name_the_field(tmp_path, changes, expected):

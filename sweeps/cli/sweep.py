@@ -159,6 +159,7 @@ def _print_next(outcome) -> None:
 
     where = f"{shlex.quote(outcome.name)} --storage {shlex.quote(str(Path(outcome.path).parent))}"
     console.print(f"Best trials: [bold]cxr-sweep best {where}[/]", soft_wrap=True)
+    console.print(f"Against CE:  [bold]cxr-sweep compare {where}[/]", soft_wrap=True)
     if outcome.tracking_uri.startswith("sqlite:"):
         console.print(f"MLflow UI:   [bold]cxr-sweep ui {where}[/]", soft_wrap=True)
     else:

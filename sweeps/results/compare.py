@@ -10,10 +10,8 @@ only compared, never used to choose: baseline and candidates are picked on valid
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +22,9 @@ import numpy as np
 from trainer.metrics import metric_label
 
 from ..tracking.lookup import RunRow, SelectionError
-from ..tracking.runs import PREDICTIONS_FILE
 from .select import rank_runs
 from .stats import Delta, delong, holm, mcnemar_exact, paired_bootstrap
+from .stored import load_test_predictions
 
 __all__ = ["MIN_TEST_IMAGES", "Comparison", "compare_runs", "parse_candidates", "write_comparison"]
 
@@ -48,15 +46,27 @@ class Comparison:
     p_f1: float = math.nan  # ΔF1's p after Holm over the candidates of this baseline
     alpha: float = 0.05
     notes: list[str] = field(default_factory=list)
+    # seed repeats: per metric, seed i against seed i (stats.paired_seeds); DeLong and McNemar per pair
+    seeds: dict[str, dict[str, float]] = field(default_factory=dict)
+    seed_pairs: list[dict[str, Any]] = field(default_factory=list)
+    p_f1_seeds: float = math.nan  # the paired test across seeds of ΔF1, after Holm
+
+    @property
+    def significant(self) -> bool:
+        """ΔF1 significant at ``alpha`` over the test images and, with repeats, across seeds too."""
+        return self.p_f1 < self.alpha and (not self.seeds or self.p_f1_seeds < self.alpha)
 
     @property
     def verdict(self) -> str:
         d = self.deltas["f1_macro"]
-        word = "significant" if self.p_f1 < self.alpha else "not significant"
-        return (
-            f"{self.candidate.run_name}: ΔF1 {d.delta:+.3f} [{d.low:+.3f}, {d.high:+.3f}], "
-            f"p = {self.p_f1:.2g}: {word} at {self.alpha:g}"
-        )
+        word = "significant" if self.significant else "not significant"
+        text = f"{self.candidate.run_name}: ΔF1 {d.delta:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+        text += f", p = {self.p_f1:.2g}"
+        if self.seeds:
+            f1 = self.seeds["f1_macro"]
+            p = f"{self.p_f1_seeds:.2g}" if math.isfinite(self.p_f1_seeds) else "n/a (no spread to test)"
+            text += f"; across {f1['n_seeds']} seeds p = {p}"
+        return f"{text}: {word} at {self.alpha:g}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +84,10 @@ class Comparison:
             "mcnemar": self.mcnemar,
             "p_f1_holm": self.p_f1,
             "alpha": self.alpha,
+            "seeds": self.seeds or None,
+            "seed_pairs": self.seed_pairs or None,
+            "p_f1_seeds_holm": self.p_f1_seeds if self.seeds else None,
+            "significant": self.significant,
             "verdict": self.verdict,
         }
 
@@ -103,27 +117,27 @@ def _matches(run: RunRow, baseline: str) -> bool:
         return have == want.strip()
 
 
-def _read_test(client, run: RunRow, where: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cache rows, labels, class probabilities) of a run's test images."""
-    from mlflow.exceptions import MlflowException
+def _across_seeds(base: list[RunRow], cand: list[RunRow]) -> dict[str, dict[str, float]]:
+    """Per metric of the bootstrap, the paired test of seed i against seed i (their logged test values)."""
+    from .stats import BOOTSTRAP_METRICS, paired_seeds
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file
-    try:
-        path = client.download_artifacts(run.run_id, f"predictions/{PREDICTIONS_FILE}", str(where))
-    except (MlflowException, OSError):
-        raise SelectionError(
-            f"run {run.run_id} ({run.run_name}) has no predictions/{PREDICTIONS_FILE}: it finished "
-            "before trials stored their per-image predictions; run it again to compare it"
-        ) from None
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    if not rows:
-        raise SelectionError(f"run {run.run_id} ({run.run_name}): its predictions hold no test images")
-    classes = [k for k in rows[0] if k.startswith("p_")]
-    idx = np.array([int(r["row"]) for r in rows])
-    labels = np.array([int(r["label"]) for r in rows])
-    probs = np.array([[float(r[k]) for k in classes] for r in rows])
-    return idx, labels, probs
+    out = {}
+    for m in BOOTSTRAP_METRICS:
+        a = [r.metrics.get(f"test_{m}", math.nan) for r in base]
+        b = [r.metrics.get(f"test_{m}", math.nan) for r in cand]
+        out[m] = paired_seeds(a, b)
+    return out
+
+
+def _pair_tests(labels: np.ndarray, b_probs: np.ndarray, c_probs: np.ndarray):
+    """McNemar on accuracy and (binary tasks with both classes) DeLong on AUC, for one pair of runs."""
+    right_b, right_c = b_probs.argmax(1) == labels, c_probs.argmax(1) == labels
+    only_b, only_c, p_mc = mcnemar_exact(right_b, right_c)
+    dl = None
+    if b_probs.shape[1] == 2 and min(int((labels == 1).sum()), int((labels == 0).sum())) >= 2:
+        a_auc, c_auc, z, p = delong(labels == 1, b_probs[:, 1], c_probs[:, 1])
+        dl = {"auc_baseline": a_auc, "auc_candidate": c_auc, "z": z, "p": p}
+    return dl, {"only_baseline_right": only_b, "only_candidate_right": only_c, "p": p_mc}
 
 
 def compare_runs(
@@ -163,7 +177,7 @@ def compare_runs(
                 continue
             base = rank_runs(base_runs, metric)[0]
             chosen = rank_runs(others, metric)[:keep]
-            b_idx, labels, b_probs = _read_test(client, base, Path(tmp) / base.run_id)
+            b_idx, labels, b_probs, b_seeds = load_test_predictions(client, base, Path(tmp) / base.run_id)
             if len(labels) < min_images:
                 raise SelectionError(
                     f"{task}/{backbone}: {len(labels)} test images: too few for an interval "
@@ -177,34 +191,38 @@ def compare_runs(
                             f"{cand.run_name} and the baseline {base.run_name} were tested on different "
                             f"datasets (cache hash {cand.tags[tag][:12]} vs {base.tags[tag][:12]})"
                         )
-                c_idx, c_labels, c_probs = _read_test(client, cand, Path(tmp) / cand.run_id)
+                c_idx, c_labels, c_probs, c_seeds = load_test_predictions(
+                    client, cand, Path(tmp) / cand.run_id
+                )
                 if not (np.array_equal(c_idx, b_idx) and np.array_equal(c_labels, labels)):
                     raise SelectionError(
                         f"{cand.run_name} and the baseline {base.run_name} were tested on different "
                         "images: a paired comparison needs the same test set"
                     )
-                deltas = paired_bootstrap(labels, b_probs, c_probs, n_resamples=n_resamples, seed=seed)
-                right_b, right_c = b_probs.argmax(1) == labels, c_probs.argmax(1) == labels
-                only_b, only_c, p_mc = mcnemar_exact(right_b, right_c)
-                dl = None
-                if b_probs.shape[1] == 2 and min(int((labels == 1).sum()), int((labels == 0).sum())) >= 2:
-                    a_auc, c_auc, z, p = delong(labels == 1, b_probs[:, 1], c_probs[:, 1])
-                    dl = {"auc_baseline": a_auc, "auc_candidate": c_auc, "z": z, "p": p}
-                found.append(
-                    Comparison(
-                        task,
-                        backbone,
-                        base,
-                        cand,
-                        len(labels),
-                        deltas,
-                        dl,
-                        {"only_baseline_right": only_b, "only_candidate_right": only_c, "p": p_mc},
-                        alpha=alpha,
+                if bool(b_seeds) != bool(c_seeds):
+                    raise SelectionError(
+                        f"{cand.run_name} and the baseline {base.run_name}: one was trained with seed "
+                        "repeats and the other was not; compare runs of one sweep (or of sweeps with "
+                        "the same repeats)"
                     )
-                )
+                deltas = paired_bootstrap(labels, b_probs, c_probs, n_resamples=n_resamples, seed=seed)
+                comp = Comparison(task, backbone, base, cand, len(labels), deltas, None, {}, alpha=alpha)
+                if b_seeds:  # seed i against seed i: the spread over seeds, and each pair's own tests
+                    comp.seeds = _across_seeds(b_seeds, c_seeds)
+                    for i, cs in enumerate(c_seeds[: len(b_seeds)]):
+                        dl, mc = _pair_tests(labels, b_probs[i], c_probs[i])
+                        which = cs.params.get("train.seed", str(i))
+                        comp.seed_pairs.append({"seed": which, "delong": dl, "mcnemar": mc})
+                    comp.delong, comp.mcnemar = comp.seed_pairs[0]["delong"], comp.seed_pairs[0]["mcnemar"]
+                else:
+                    comp.delong, comp.mcnemar = _pair_tests(labels, b_probs, c_probs)
+                found.append(comp)
             for comp, p in zip(found, holm([c.deltas["f1_macro"].p for c in found]), strict=True):
                 comp.p_f1 = p
+            if any(c.seeds for c in found):
+                across = holm([c.seeds["f1_macro"]["p"] for c in found])
+                for comp, p in zip(found, across, strict=True):
+                    comp.p_f1_seeds = p
             out.extend(found)
     if not out:
         raise SelectionError(f"no run besides the baseline ({baseline}) to compare")
@@ -239,6 +257,9 @@ def _markdown(comparisons: list[Comparison], n_resamples: int, seed: int) -> str
             lines.append(
                 f"| {metric_label(m)} | {d.baseline:.3f} | {d.candidate:.3f} | {_fmt_delta(d)} | {d.p:.2g} |"
             )
+        if c.seeds:
+            lines += _seed_lines(c)
+            continue
         if c.delong:
             lines.append(f"\nDeLong ΔAUC: z = {c.delong['z']:+.2f}, p = {c.delong['p']:.2g}.")
         mc = c.mcnemar
@@ -247,6 +268,39 @@ def _markdown(comparisons: list[Comparison], n_resamples: int, seed: int) -> str
             f"{mc['only_candidate_right']} only the candidate, exact p = {mc['p']:.2g}.\n"
         )
     return "\n".join(lines)
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
+
+
+def _seed_lines(c: Comparison) -> list[str]:
+    """Seed repeats: mean ± std over seeds, the paired test across seeds, each seed pair's tests."""
+    n = c.seeds["f1_macro"]["n_seeds"]
+    lines = [
+        "",
+        f"Both were trained with {n} seeds: the bootstrap above scores the mean over seeds on each "
+        f"resample. Seed i against seed i ({n} pairs, paired t-test on the logged test values):",
+        "",
+        "| Metric | baseline mean ± std | candidate mean ± std | Δ mean ± std | p (paired t) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m, s in c.seeds.items():
+        p = f"{s['p']:.2g}" if math.isfinite(s["p"]) else "n/a"
+        lines.append(
+            f"| {metric_label(m)} | {_pm(s['baseline_mean'], s['baseline_std'])} | "
+            f"{_pm(s['candidate_mean'], s['candidate_std'])} | {_pm(s['delta_mean'], s['delta_std'])} | {p} |"
+        )
+    lines.append("")
+    for pair in c.seed_pairs:
+        mc, dl = pair["mcnemar"], pair["delong"]
+        text = f"- seed {pair['seed']}: McNemar {mc['only_baseline_right']} vs {mc['only_candidate_right']}"
+        text += f" images right only by one, exact p = {mc['p']:.2g}"
+        if dl:
+            text += f"; DeLong ΔAUC z = {dl['z']:+.2f}, p = {dl['p']:.2g}"
+        lines.append(text)
+    lines.append("")
+    return lines
 
 
 def _tex_escape(text: str) -> str:

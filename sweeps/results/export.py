@@ -46,6 +46,7 @@ __all__ = [
     "META_FILE",
     "ExportError",
     "ExportResult",
+    "best_seed_run",
     "export_model",
     "load_trained",
     "model_file",
@@ -69,6 +70,7 @@ class ExportResult:
     max_abs_diff: dict[str, float]
     registered: tuple[str, str] | None = None  # (registered model name, version)
     meta: dict[str, Any] = field(default_factory=dict)
+    configuration: RunRow | None = None  # seed repeats: the configuration's run (``run`` is its best seed)
 
 
 def parse_formats(text: str) -> list[str]:
@@ -105,6 +107,23 @@ def resolve_run(
         return uri, row_from_run(run, client.get_experiment(run.info.experiment_id).name)
     found = find_runs([source], storage=storage, tracking_uri=tracking_uri)
     return found.tracking_uri, rank_runs(found.runs, metric or found.default_metric)[0]
+
+
+def best_seed_run(uri: str, run: RunRow) -> tuple[RunRow, RunRow | None]:
+    """The run whose model an export takes, and the configuration it belongs to: a configuration
+    trained with seed repeats (ranked on the mean over seeds) gives its best seed on validation,
+    as the sweep chose it (tag ``cxr.best_seed_run``); any other run gives itself and None."""
+    seed_id = run.tags.get("cxr.best_seed_run")
+    if not seed_id:
+        return run, None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        seed = MlflowClient(uri).get_run(seed_id)
+    except MlflowException:
+        raise ExportError(f"run {run.run_id}: its best seed's run {seed_id} is not in {uri}") from None
+    return row_from_run(seed, run.experiment), run
 
 
 def model_file(run: RunRow, workdir: Path) -> Path:
@@ -198,6 +217,7 @@ def export_model(
 ) -> ExportResult:
     """Export the model of run/sweep ``source`` into ``out_dir`` (default ``./export-<run id prefix>``)."""
     uri, run = resolve_run(source, storage=storage, tracking_uri=tracking_uri, metric=metric)
+    run, configuration = best_seed_run(uri, run)
     out = Path(out_dir or f"export-{run.run_id[:8]}").resolve()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
@@ -233,11 +253,12 @@ def export_model(
             check_batch=x_source,
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / "model_card.md").write_text(model_card(meta, payload, run))
+        (tmp / "model_card.md").write_text(model_card(meta, payload, run, configuration))
     files.update({"meta": out / META_FILE, "card": out / "model_card.md"})
-    result = ExportResult(out, run, files, diffs, meta=meta)
+    result = ExportResult(out, run, files, diffs, meta=meta, configuration=configuration)
     if register:
-        result.registered = register_model(uri, run, model, x[:2], out, registered_name or f"cxr-{run.sweep}")
+        name = registered_name or f"cxr-{run.sweep}"
+        result.registered = register_model(uri, run, model, x[:2], out, name, configuration)
     return result
 
 

@@ -53,8 +53,43 @@ def export_meta(model: nn.Module, payload: dict[str, Any], run: RunRow, uri: str
     }
 
 
-def model_card(meta: dict[str, Any], payload: dict[str, Any], run: RunRow) -> str:
-    """The Markdown model card of an export."""
+def _seed_section(run: RunRow, configuration: RunRow | None, selection: str) -> list[str]:
+    """What a model card says of seed repeats: which seed this is, and its configuration's spread."""
+    if configuration is None:
+        return []
+    k = configuration.tags.get("cxr.repeats", "?")
+    seed = run.params.get("train.seed", configuration.tags.get("cxr.best_seed", "?"))
+    rows = []
+    for name in (*METRIC_NAMES, *LOCALIZATION_METRICS):
+        m = configuration.metrics
+        if f"test_{name}" not in m:
+            continue
+        cell = [f"{m[f'test_{name}']:.4f}"]
+        if f"test_{name}_std" in m:
+            cell.append(f"± {m[f'test_{name}_std']:.4f}")
+        if f"test_{name}_ci_low" in m:
+            cell.append(f"[{m[f'test_{name}_ci_low']:.4f}, {m[f'test_{name}_ci_high']:.4f}]")
+        rows.append(f"| {name} | {' '.join(cell)} |")
+    return [
+        "## Seed repeats",
+        "",
+        f"This configuration (MLflow run `{configuration.run_id}`, {configuration.run_name}) was trained "
+        f"with {k} seeds; the sweep ranked it on their mean. **This model is seed {seed}'s** (run "
+        f"`{run.run_id}`), the best of the {k} on validation `{selection}`; the metrics above are this "
+        "seed's. Another seed of the same configuration would score differently by about the spread "
+        "below (test split, mean ± standard deviation over seeds [95 % t-interval of the mean]):",
+        "",
+        "| metric | mean ± std [95 % CI] |",
+        "|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def model_card(
+    meta: dict[str, Any], payload: dict[str, Any], run: RunRow, configuration: RunRow | None = None
+) -> str:
+    """The Markdown model card of an export (``configuration``: the repeated configuration of a seed)."""
     rows = []
     for name in (*METRIC_NAMES, *LOCALIZATION_METRICS):
         v, t = run.metrics.get(f"best_val_{name}"), run.metrics.get(f"test_{name}")
@@ -91,6 +126,7 @@ def model_card(meta: dict[str, Any], payload: dict[str, Any], run: RunRow) -> st
             "",
             "Youden's index = sensitivity + specificity − 1; DP = discriminant power (√3/π, base-10 logs).",
             "",
+            *_seed_section(run, configuration, payload["config"]["train"]["selection_metric"]),
             "## Intended use",
             "",
             "Research on localization-aware chest X-ray classification (Wu et al. 2026): comparing "
@@ -139,9 +175,16 @@ def _fluent_uris(uri: str):
 
 
 def register_model(
-    uri: str, run: RunRow, model: nn.Module, example: torch.Tensor, out: Path, name: str
+    uri: str,
+    run: RunRow,
+    model: nn.Module,
+    example: torch.Tensor,
+    out: Path,
+    name: str,
+    configuration: RunRow | None = None,
 ) -> tuple[str, str]:
-    """Log the model into its trial run (pt2) and register it; metrics become version tags."""
+    """Log the model into the run that trained it (pt2) and register it; its metrics become version
+    tags (a seed's: plus the configuration run it belongs to)."""
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
@@ -164,6 +207,9 @@ def register_model(
     version = str(info.registered_model_version)
     tags = {k: repr(v) for k, v in run.metrics.items() if k.startswith(("best_val_", "test_"))}
     tags.update({"cxr.run_id": run.run_id, "cxr.sweep": run.sweep, "cxr.export_dir": str(out)})
+    if configuration is not None:
+        tags["cxr.configuration_run"] = configuration.run_id
+        tags["cxr.seed"] = run.params.get("train.seed", "")
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     client.update_model_version(name, version, description=(out / "model_card.md").read_text()[:5000])

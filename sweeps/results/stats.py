@@ -19,11 +19,13 @@ from scipy import stats
 __all__ = [
     "BOOTSTRAP_METRICS",
     "Delta",
+    "bootstrap_intervals",
     "bootstrap_metrics",
     "delong",
     "holm",
     "mcnemar_exact",
     "paired_bootstrap",
+    "paired_seeds",
     "stratified_indices",
 ]
 
@@ -71,8 +73,9 @@ def _auc(is_pos: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_metrics(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """:data:`BOOTSTRAP_METRICS` of each resample ``idx`` (``(B, N)`` rows into ``labels``/``probs``),
-    each ``(B,)``, computed as :func:`trainer.metrics.compute_metrics` computes them."""
+    """Every contract metric (``METRIC_NAMES``; :data:`BOOTSTRAP_METRICS` are those compared) of each
+    resample ``idx`` (``(B, N)`` rows into ``labels``/``probs``), each ``(B,)``, computed as
+    :func:`trainer.metrics.compute_metrics` computes them."""
     n_classes = probs.shape[1]
     y = labels[idx]  # (B, N)
     pred = probs.argmax(axis=1)[idx]  # (B, N)
@@ -90,22 +93,38 @@ def bootstrap_metrics(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray) ->
     c_tp, c_fn, c_fp, c_tn = (a + 0.5 * zero for a in (tp, fn, fp, tn))
     c_sens, c_spec = c_tp / (c_tp + c_fn), c_tn / (c_tn + c_fp)
     dp = _DP_SCALE * (np.log10(c_sens / (1 - c_sens)) + np.log10(c_spec / (1 - c_spec)))
+    prec = _safe_div(tp, tp + fp)  # zero_division=0, as scikit-learn is called in the trainer
+    ovr = {
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": prec,
+        "npv": _safe_div(tn, tn + fn),
+        "fdr": _safe_div(fp, fp + tp),
+        "for": _safe_div(fn, fn + tn),
+        "discriminant_power": dp,
+    }
     if n_classes == 2:  # the positive class
-        sens_s, spec_s, dp_s = sens[:, 1], spec[:, 1], dp[:, 1]
+        one = {k: v[:, 1] for k, v in ovr.items()}
         auc = _auc(y == 1, probs[:, 1][idx])
         auc = np.where(np.isnan(auc), 0.5, auc)
     else:  # macro over the classes; AUC over the classes present in each resample
-        sens_s, spec_s, dp_s = sens.mean(axis=1), spec.mean(axis=1), dp.mean(axis=1)
+        one = {k: v.mean(axis=1) for k, v in ovr.items()}
         per_class = np.stack([_auc(y == k, probs[:, k][idx]) for k in range(n_classes)], axis=1)
         present = ~np.isnan(per_class)  # a class with positives and negatives in the resample
         total = np.where(present, per_class, 0.0).sum(axis=1)
         auc = np.where(present.any(axis=1), _safe_div(total, present.sum(axis=1).astype(np.float64)), 0.5)
+    weight = (tp + fn) / n  # each class's share of the images: scikit-learn's "weighted"
     return {
-        "f1_macro": f1.mean(axis=1),
-        "youden_index": sens_s + spec_s - 1.0,
-        "discriminant_power": dp_s,
         "accuracy": np.trace(cm, axis1=1, axis2=2) / n,
+        "precision_macro": prec.mean(axis=1),
+        "precision_weighted": (prec * weight).sum(axis=1),
+        "recall_macro": sens.mean(axis=1),
+        "recall_weighted": (sens * weight).sum(axis=1),
+        "f1_macro": f1.mean(axis=1),
+        "f1_weighted": (f1 * weight).sum(axis=1),
         "auc": auc,
+        **one,
+        "youden_index": one["sensitivity"] + one["specificity"] - 1.0,
     }
 
 
@@ -120,15 +139,16 @@ def paired_bootstrap(
 ) -> dict[str, Delta]:
     """Δ = candidate − baseline of each of :data:`BOOTSTRAP_METRICS`, with a percentile interval
     over paired, stratified resamples and a two-sided p from the bootstrap distribution centred
-    on its estimate: the share of resampled Δ at least as far from Δ̂ as Δ̂ is from 0."""
+    on its estimate: the share of resampled Δ at least as far from Δ̂ as Δ̂ is from 0.
+
+    ``baseline`` / ``candidate``: probabilities ``(n, C)``, or ``(k, n, C)`` for k seeds of one
+    configuration: a metric is then the mean over its seeds, each seed scored on the same resample.
+    """
     labels = np.asarray(labels)
     everything = np.arange(len(labels))[None]  # the test set itself: the point estimates
-    full_a, full_b = (
-        bootstrap_metrics(labels, baseline, everything),
-        bootstrap_metrics(labels, candidate, everything),
-    )
+    full_a, full_b = _seed_mean(labels, baseline, everything), _seed_mean(labels, candidate, everything)
     idx = stratified_indices(labels, n_resamples, seed)
-    boot_a, boot_b = bootstrap_metrics(labels, baseline, idx), bootstrap_metrics(labels, candidate, idx)
+    boot_a, boot_b = _seed_mean(labels, baseline, idx), _seed_mean(labels, candidate, idx)
     tail = (1.0 - level) / 2 * 100
     out = {}
     for m in BOOTSTRAP_METRICS:
@@ -139,6 +159,58 @@ def paired_bootstrap(
         p = 1.0 if est == 0 else min(1.0, (1 + extreme) / (1 + n_resamples))
         out[m] = Delta(m, float(full_a[m][0]), float(full_b[m][0]), est, float(low), float(high), p)
     return out
+
+
+def _seed_mean(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`bootstrap_metrics` of one run ``(n, C)``, or the mean over seeds of ``(k, n, C)``."""
+    probs = np.asarray(probs)
+    if probs.ndim == 2:
+        return bootstrap_metrics(labels, probs, idx)
+    per_seed = [bootstrap_metrics(labels, p, idx) for p in probs]
+    return {m: np.mean([s[m] for s in per_seed], axis=0) for m in per_seed[0]}
+
+
+def bootstrap_intervals(
+    labels: np.ndarray, probs: np.ndarray, *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """A percentile interval over stratified resamples of the test images for every contract metric
+    of one run ``(n, C)`` (or of the mean over seeds, ``(k, n, C)``)."""
+    labels = np.asarray(labels)
+    values = _seed_mean(labels, probs, stratified_indices(labels, n_resamples, seed))
+    tail = (1.0 - level) / 2 * 100
+    out = {}
+    for m, v in values.items():
+        low, high = np.percentile(v, [tail, 100 - tail])
+        out[m] = (float(low), float(high))
+    return out
+
+
+def paired_seeds(baseline: list[float], candidate: list[float]) -> dict[str, float]:
+    """Seed i of the candidate against seed i of the baseline: mean ± std of each, the mean Δ and
+    the paired t-test's two-sided p (NaN with fewer than two pairs or no spread in Δ)."""
+    a, b = np.asarray(baseline, dtype=float), np.asarray(candidate, dtype=float)
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    d = b - a
+    p = t = math.nan
+    if n >= 2 and np.std(d) > 0:
+        res = stats.ttest_rel(b, a)
+        t, p = float(res.statistic), float(res.pvalue)
+
+    def sd(x: np.ndarray) -> float:
+        return float(np.std(x, ddof=1)) if n >= 2 else math.nan
+
+    return {
+        "n_seeds": n,
+        "baseline_mean": float(a.mean()),
+        "baseline_std": sd(a),
+        "candidate_mean": float(b.mean()),
+        "candidate_std": sd(b),
+        "delta_mean": float(d.mean()),
+        "delta_std": sd(d),
+        "t": t,
+        "p": p,
+    }
 
 
 def delong(is_pos: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> tuple[float, float, float, float]:
@@ -178,10 +250,12 @@ def mcnemar_exact(right_a: np.ndarray, right_b: np.ndarray) -> tuple[int, int, f
 
 
 def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the order given."""
-    order = np.argsort(pvalues)
-    m = len(pvalues)
-    adjusted = np.empty(m)
+    """Holm's step-down adjusted p-values, in the order given (a NaN, a test that could not be
+    made, stays NaN and does not count among the tests)."""
+    finite = [i for i, p in enumerate(pvalues) if math.isfinite(p)]
+    order = sorted(finite, key=lambda i: pvalues[i])
+    m = len(finite)
+    adjusted = np.full(len(pvalues), np.nan)
     running = 0.0
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (m - rank) * pvalues[i]))

@@ -90,6 +90,15 @@ class MlflowSweepCallback(Callback):
                 self.described.add(tid)
                 if run.info.status == "KILLED" and INTERRUPTED_TAG in run.data.tags:
                     self.interrupted.add(tid)
+        self.seed_runs: dict[tuple[str, int], str] = {}  # (Ray trial id, seed index) → MLflow run id
+        if spec.repeats > 1:
+            configs = set(self.runs.values())
+            for run in self.client.search_runs(
+                [experiment_id], filter_string="tags.`cxr.kind` = 'seed'", max_results=50000
+            ):
+                tags = run.data.tags
+                if tags.get("mlflow.parentRunId") in configs and "cxr.seed_index" in tags:
+                    self.seed_runs[(tags["ray.trial_id"], int(tags["cxr.seed_index"]))] = run.info.run_id
 
     # Ray pickles the callbacks with the experiment and `Tuner.restore` unpickles them: a restored
     # callback must read which runs exist now, not carry the mapping of when it was pickled.
@@ -119,11 +128,44 @@ class MlflowSweepCallback(Callback):
                 "ray.trial_id": tid,
                 "cxr.kind": "trial",
                 "cxr.sweep": self.spec.name,
+                **({"cxr.repeats": str(self.spec.repeats)} if self.spec.repeats > 1 else {}),
             },
         )
         self.runs[tid] = run.info.run_id
         self.last_epoch[run.info.run_id] = -1
         return self._describe(trial, run.info.run_id, cfg)
+
+    def _seed_run(self, trial, i: int) -> str:
+        """The nested run of seed ``i`` of a repeated trial (created with its params on first use)."""
+        key = (trial.trial_id, i)
+        if key in self.seed_runs:
+            run_id = self.seed_runs[key]
+            if trial.trial_id not in self.interrupted:
+                run = self.client.get_run(run_id)
+                if run.info.status == "KILLED" and INTERRUPTED_TAG in run.data.tags:
+                    self.client.update_run(run_id, status="RUNNING")
+                    self.client.delete_tag(run_id, INTERRUPTED_TAG)
+            return run_id
+        parent = self._run_id(trial)
+        cfg = self._trial_config(trial)
+        seed = cfg.train.seed + i
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{run_title(cfg)} seed {seed} [{trial.trial_id}]",
+            tags={
+                "mlflow.parentRunId": parent,
+                "ray.trial_id": trial.trial_id,
+                "cxr.kind": "seed",
+                "cxr.sweep": self.spec.name,
+                "cxr.seed_index": str(i),
+            },
+        )
+        run_id = run.info.run_id
+        log_params(self.client, run_id, {**cfg.flat_params(), "train.seed": str(seed)})
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
+        self.seed_runs[key] = run_id
+        self.last_epoch[run_id] = -1
+        return run_id
 
     def _trial_config(self, trial):
         # output_dir: the trial's folder in storage, where its checkpoints and best model land
@@ -243,12 +285,19 @@ class MlflowSweepCallback(Callback):
                 ],
             )
             self.tagged.add(tid)
+        epoch = int(result.get("epoch", result.get("epochs_done", 1) - 1))
+        # seeds first: a configuration run that holds epoch e says its seeds' runs do too
+        for i, seed_result in enumerate(result.get("seeds") or []):
+            if int(seed_result.get("epoch", epoch)) == epoch:  # a seed that stopped early logs no more
+                self._log_epoch(self._seed_run(trial, i), seed_result, epoch)
+        self._log_epoch(run_id, result, epoch)
+
+    def _log_epoch(self, run_id: str, result: dict, epoch: int) -> None:
         metrics = {
             k: v
             for k, v in result.items()
             if (k.startswith(_EPOCH_PREFIXES) or k in _EPOCH_KEYS) and isinstance(v, int | float)
         }
-        epoch = int(result.get("epoch", result.get("epochs_done", 1) - 1))
         # after a driver crash Ray may re-run logged epochs; a replay may find its epoch stored
         self._log(run_id, metrics, epoch, stored=epoch <= self._last_epoch(run_id))
         self.last_epoch[run_id] = max(epoch, self._last_epoch(run_id))
@@ -264,13 +313,37 @@ class MlflowSweepCallback(Callback):
         # all or nothing); logging it again would double every value in the run's history
         stored = "best_epoch" in run.data.metrics
         last = trial.last_result or {}
-        if last.get(FINAL_KEY):
+        seeds = last.get("seeds") or []
+        for i, seed_result in enumerate(seeds):  # seeds first: their configuration's run ends last
+            seed_run = self._seed_run(trial, i)
+            self._complete(seed_run, trial, seed_result, bool(last.get(FINAL_KEY)), f"seed_{i}/")
+        if seeds:
+            tags = {"cxr.repeats": str(len(seeds))}
+            if last.get(FINAL_KEY):
+                best = int(last.get("best_seed", 0))
+                tags |= {"cxr.best_seed": str(seeds[best].get("seed", best))}
+                tags |= {"cxr.best_seed_run": self._seed_run(trial, best)}
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._complete(run_id, trial, last, bool(last.get(FINAL_KEY)), "", stored=stored)
+
+    def _complete(self, run_id: str, trial, last: dict, final: bool, folder: str, stored=None) -> None:
+        """Summary, files and status of a finished run (a trial's, or one seed's from ``folder``)."""
+        if stored is None:
+            run = self.client.get_run(run_id)
+            if run.info.status == "FINISHED":
+                return
+            stored = "best_epoch" in run.data.metrics
+        repeated = "seeds" in last
+        if final:
             summary = {k: v for k, v in last.items() if k.startswith(("best_val_", "test_"))}
             summary.update(best_epoch=last.get("best_epoch", -1), epochs_run=last.get("epochs_run", 0))
             self._log(run_id, summary, 0, stored=stored)
-            self._upload(run_id, trial, str(last.get("data_access", "private")))
+            self._upload(run_id, trial, str(last.get("data_access", "private")), folder, files=not repeated)
             if trial.checkpoint is not None:  # the final checkpoint holds model.pt (best epoch)
-                self.client.set_tag(run_id, MODEL_URI_TAG, _checkpoint_file(trial.checkpoint, "model.pt"))
+                best = f"seed_{int(last.get('best_seed', 0))}/" if repeated else folder
+                self.client.set_tag(
+                    run_id, MODEL_URI_TAG, _checkpoint_file(trial.checkpoint, f"{best}model.pt")
+                )
         else:  # stopped early by the scheduler: no test evaluation; its best epoch so far, as it chose it
             summary = {k: v for k, v in last.items() if k.startswith("best_val_")}
             summary["best_epoch"] = last.get("best_epoch", -1)
@@ -281,25 +354,39 @@ class MlflowSweepCallback(Callback):
     def _trial_error(self, trial) -> None:
         run_id = self._run_id(trial)
         msg = redact(_error_text(trial))
-        self.client.log_batch(
-            run_id, tags=[RunTag("error", msg[-MAX_ERROR:]), RunTag("error_type", _error_type(msg))]
-        )
+        tags = [RunTag("error", msg[-MAX_ERROR:]), RunTag("error_type", _error_type(msg))]
+        for (tid, _), seed_run in self.seed_runs.items():
+            if tid == trial.trial_id and self.client.get_run(seed_run).info.status == "RUNNING":
+                self.client.log_batch(seed_run, tags=tags)
+                self.client.set_terminated(seed_run, "FAILED")
+        self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, "FAILED")
 
-    def _upload(self, run_id: str, trial, data_access: str) -> None:
+    def _upload(self, run_id: str, trial, data_access: str, folder: str = "", files: bool = True) -> None:
+        """The resolved config, and (``files``) predictions and plots, from the final checkpoint's
+        ``folder`` (a seed's ``seed_<i>/``; a repeated configuration's run gets the config only)."""
         ckpt = trial.checkpoint
         if ckpt is None:
             return
         try:
-            local = Path(ckpt.to_directory())
+            local = Path(self._local_checkpoint(ckpt)) / folder
         except Exception:  # storage unreachable from the driver: keep the run, skip the files
             self.client.set_tag(run_id, "cxr.artifacts", "unavailable")
             return
         config = local / "config.resolved.yaml"
         if config.is_file():
             log_text_file(self.client, run_id, config)
-        log_predictions(self.client, run_id, local / PREDICTIONS_FILE)
-        log_plots(self.client, run_id, sorted((local / "plots").glob("*.png")), data_access)
+        if files:
+            log_predictions(self.client, run_id, local / PREDICTIONS_FILE)
+            log_plots(self.client, run_id, sorted((local / "plots").glob("*.png")), data_access)
+
+    def _local_checkpoint(self, ckpt) -> str:
+        """A local copy of ``ckpt`` (its own folder on local storage), fetched once per checkpoint."""
+        cache = self.__dict__.setdefault("_fetched", {})
+        if ckpt.path not in cache:
+            cache.clear()
+            cache[ckpt.path] = ckpt.to_directory()
+        return cache[ckpt.path]
 
 
 def _checkpoint_file(ckpt, name: str) -> str:

@@ -135,8 +135,8 @@ def fail_parent_run(uri: str, parent: str, error: BaseException | str, *, interr
 
 
 def end_open_trial_runs(uri: str, parent: str, *, interrupted: bool, reason: str) -> list[str]:
-    """End the parent's child runs still RUNNING: KILLED + :data:`INTERRUPTED_TAG` (resume reopens
-    them) or FAILED with ``reason``. Returns their run ids."""
+    """End the parent's child runs (and their seed runs) still RUNNING: KILLED +
+    :data:`INTERRUPTED_TAG` (resume reopens them) or FAILED with ``reason``. Returns their run ids."""
     client = MlflowClient(uri)
     exp = client.get_run(parent).info.experiment_id
     open_runs = client.search_runs(
@@ -144,6 +144,17 @@ def end_open_trial_runs(uri: str, parent: str, *, interrupted: bool, reason: str
         filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
         max_results=10000,
     )
+    # seed repeats: each seed's run is nested under its configuration's run
+    configs = {
+        r.info.run_id
+        for r in client.search_runs(
+            [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000
+        )
+    }
+    open_seeds = client.search_runs(
+        [exp], filter_string="tags.`cxr.kind` = 'seed' and attributes.status = 'RUNNING'", max_results=50000
+    )
+    open_runs += [r for r in open_seeds if r.data.tags.get("mlflow.parentRunId") in configs]
     for run in open_runs:
         if interrupted:
             client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
