@@ -159,6 +159,7 @@ def report(
     """The paper's tables from a sweep's runs: Markdown, LaTeX, CSV and a YI/DP chart."""
     import tempfile
 
+    from ..results.importance import param_importance, param_label, saved_params
     from ..results.report import build_report
     from ..results.stored import stored_intervals
 
@@ -168,9 +169,17 @@ def report(
         out = out or _default_out(storage, names, "report")
         title = "Sweep " + ", ".join(names)
         intervals = stored_intervals(found.tracking_uri, Path(tmp), resamples, seed) if ci else None
-        built = build_report(found.runs, metric or found.default_metric, out, title, intervals)
+        chosen = metric or found.default_metric
+        importance = None
+        if len(found.parents) == 1:  # one sweep: one search space to attribute the score to
+            params = saved_params(found.tracking_uri, next(iter(found.parents.values())))
+            importance = param_importance(found.runs, chosen, params)
+        built = build_report(found.runs, chosen, out, title, intervals, importance)
     for warning in built.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    if importance is not None and importance.values:
+        top = ", ".join(f"{param_label(k)} {v:.2f}" for k, v in list(importance.values.items())[:3])
+        console.print(f"what matters for {importance.metric} (fANOVA, {importance.n_trials} trials): {top}")
     for name, path in built.files.items():
         console.print(f"{name}: {path}")
     if log:

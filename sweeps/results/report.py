@@ -30,6 +30,7 @@ from pathlib import Path
 from trainer.metrics import higher_is_better
 
 from ..tracking.lookup import RunRow
+from .importance import Importance, param_label
 from .select import localization_logged, rank_runs, summary_metrics
 from .tables import chart, lambda_order, latex, markdown
 
@@ -76,12 +77,18 @@ Intervals = Callable[[RunRow], dict[str, tuple[float, float]]]
 
 
 def build_report(
-    runs: list[RunRow], metric: str, out_dir: str | Path, title: str, intervals: Intervals | None = None
+    runs: list[RunRow],
+    metric: str,
+    out_dir: str | Path,
+    title: str,
+    intervals: Intervals | None = None,
+    importance: Importance | None = None,
 ) -> Report:
     """Write ``report.md``, ``report.tex``, ``summary.csv``, ``detail.csv`` and ``yi_dp.png``.
 
     ``intervals``: a run → ``{metric: (low, high)}`` (the test metrics' 95 % intervals), called once
-    for each run a table shows; the cells then read ``value [low, high]``."""
+    for each run a table shows; the cells then read ``value [low, high]``. ``importance``: the
+    fANOVA importances of the searched settings (``importance.csv`` and a section of report.md)."""
     rank_runs(runs, metric)  # a metric nobody logged fails here, naming the logged ones
     cells = _best_cells(runs, metric)
     metrics = summary_metrics(runs)
@@ -95,10 +102,17 @@ def build_report(
     files = {
         "summary.csv": _write_csv(out / "summary.csv", summary),
         "detail.csv": _write_csv(out / "detail.csv", detail),
-        "report.md": _write(out / "report.md", markdown(summary, detail, metric, title, warnings)),
+        "report.md": _write(
+            out / "report.md", markdown(summary, detail, metric, title, warnings, importance)
+        ),
         "report.tex": _write(out / "report.tex", latex(summary, detail, metric, title)),
         "yi_dp.png": chart(summary, out / "yi_dp.png"),
     }
+    if importance is not None:
+        rows = [
+            {"parameter": k, "label": param_label(k), "importance": v} for k, v in importance.values.items()
+        ]
+        files["importance.csv"] = _write_csv(out / "importance.csv", rows)
     return Report(summary, detail, files, warnings)
 
 

@@ -78,7 +78,7 @@ def _mark(row: dict[str, object] | None, bold, underline) -> str:
     return text
 
 
-def markdown(summary, detail, metric: str, title: str, warnings: list[str]) -> str:
+def markdown(summary, detail, metric: str, title: str, warnings: list[str], importance=None) -> str:
     lines = [
         f"# {title}",
         "",
@@ -134,6 +134,8 @@ def markdown(summary, detail, metric: str, title: str, warnings: list[str]) -> s
             ]
             lines.append("| | mode | " + " | ".join(modes) + " |")
         lines.append("")
+    if importance is not None:
+        lines += importance_lines(importance)
     return "\n".join(lines)
 
 
@@ -238,3 +240,26 @@ def chart(summary: list[dict[str, object]], path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def importance_lines(imp) -> list[str]:
+    """The report's section on which searched settings matter (:mod:`sweeps.results.importance`)."""
+    from .importance import param_label
+
+    lines = [f"## Which searched settings matter for `{imp.metric}` (fANOVA, {imp.n_trials} trials)", ""]
+    if not imp.values:
+        return [*lines, f"Not computed: {imp.note}.", ""]
+    lines += [
+        "Share of the variance of the validation score over the finished trials that each setting "
+        "explains (Optuna's fANOVA; sums to 1). A ranking of settings for this sweep, not a causal claim.",
+        "",
+        "| Setting | Importance |",
+        "|---|---:|",
+    ]
+    lines += [f"| {param_label(k)} | {v:.3f} |" for k, v in imp.values.items()]
+    if imp.left_out:
+        lines += [
+            "",
+            "Left out (drawn by some trials only): " + ", ".join(map(param_label, imp.left_out)) + ".",
+        ]
+    return [*lines, ""]

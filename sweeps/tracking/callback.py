@@ -35,6 +35,7 @@ from .runs import (
     log_text_file,
     redact,
     run_title,
+    search_config_tag,
 )
 
 __all__ = ["FLUSH_GRACE_S", "MlflowSweepCallback", "TrackingUnavailable"]
@@ -178,7 +179,8 @@ class MlflowSweepCallback(Callback):
         cfg = cfg or self._trial_config(trial)
         searched = {f"search.{k}": v for k, v in searched_values(self.spec, trial.config).items()}
         log_params(self.client, run_id, {**cfg.flat_params(), **searched})
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
+        tags = {**dataset_tags(cfg), **search_config_tag(trial.config)}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.described.add(trial.trial_id)
         return run_id
 

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_ERROR",
     "MODEL_URI_TAG",
     "PREDICTIONS_FILE",
+    "SEARCH_CONFIG_TAG",
     "TrialRun",
     "dataset_tags",
     "experiment_id",
@@ -38,6 +39,7 @@ __all__ = [
     "log_text_file",
     "redact",
     "run_title",
+    "search_config_tag",
 ]
 
 PREDICTIONS_FILE = "predictions.csv"  # as trainer.loop writes it (tests check they agree)
@@ -45,6 +47,7 @@ _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 MAX_ERROR = 4000  # characters of an error kept in the run's `error` tag
 MODEL_URI_TAG = "cxr.model_uri"  # where a finished trial's model.pt lies (read by `cxr-sweep export`)
 CAM_ZERO_TAG = "cxr.cam_all_zero"  # a training epoch whose CAMs were all zero: the attention term did nothing
+SEARCH_CONFIG_TAG = "cxr.search_config"  # the values the searcher drew (the Ray trial config, JSON)
 
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -132,6 +135,15 @@ def log_plots(client: MlflowClient, run_id: str, paths: Iterable[str | Path], da
             continue  # patient images never leave the cluster unless public/synthetic
         if p.is_file():
             client.log_artifact(run_id, str(p), artifact_path="plots")
+
+
+def search_config_tag(config: dict[str, Any]) -> dict[str, str]:
+    """The searcher's draw of a trial as a tag (what warm starts and importance replay), unless too
+    long for a tag value (MLflow keeps 8000 characters; a cut JSON would not parse)."""
+    import json
+
+    text = json.dumps(config, sort_keys=True, default=str)
+    return {SEARCH_CONFIG_TAG: text} if len(text) <= 8000 else {}
 
 
 def dataset_tags(cfg: TrialConfig) -> dict[str, str]:
