@@ -26,6 +26,12 @@ class SearchConfig(Strict):
         "num_samples. Random search with points runs on Optuna's RandomSampler (Ray's variant "
         "generator cannot preset the λ parameter).",
     )
+    warm_start: str | None = Field(
+        None,
+        description="An earlier sweep (by name, in this sweep's MLflow store) whose finished configurations "
+        "and validation scores seed the Optuna searcher before the first trial: TPE starts from what it "
+        "learnt. Needs algorithm optuna.",
+    )
 
 
 class SchedulerConfig(Strict):

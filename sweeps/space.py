@@ -150,6 +150,15 @@ class SweepSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _warm_start_needs_a_model(self):
+        if self.search.warm_start and self.search.algorithm != "optuna":
+            raise ValueError(
+                f"search.warm_start: {self.search.algorithm} search draws without a model of earlier "
+                "results, so a warm start would change nothing; use algorithm: optuna"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _repeats_own_the_seed(self):
         if self.repeats > 1 and "train.seed" in self.params:
             raise ValueError(

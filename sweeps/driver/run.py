@@ -51,6 +51,12 @@ def _execute(
     watch: Callable[[Snapshot], None] | None = None,
 ) -> SweepOutcome:
     uri = check_sweep(spec, address)
+    warm = None
+    if not restore and spec.search.warm_start:  # a resumed searcher holds them in its saved state
+        from .warm import warm_start
+
+        warm = warm_start(spec, uri)
+        print(warm.describe())
     init_ray(address)
     if address not in (None, "", "local"):
         check_shared_storage(spec)
@@ -64,7 +70,7 @@ def _execute(
         mark_driver(spec, "running")
         callback = MlflowSweepCallback(uri, exp_id, parent, spec)
         with watching(watch):
-            results = build_tuner(spec, [SweepProgress(spec), callback], restore).fit()
+            results = build_tuner(spec, [SweepProgress(spec), callback], restore, warm).fit()
         rows = sweep_rows(results, spec)
     except KeyboardInterrupt:  # a second Ctrl-C while Ray was stopping: its last saved state resumes
         fail_parent_run(uri, parent, "interrupted", interrupted=True)

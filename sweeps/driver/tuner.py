@@ -44,8 +44,9 @@ def init_ray(address: str | None) -> None:
             raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
 
 
-def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
-    """A new Tuner for ``spec``, or (``restore``) the interrupted one from its experiment state."""
+def build_tuner(spec: SweepSpec, callbacks: list, restore: bool, warm=None):
+    """A new Tuner for ``spec``, or (``restore``) the interrupted one from its experiment state;
+    ``warm``: the :class:`~sweeps.driver.warm.WarmStart` its searcher starts from."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -75,7 +76,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool):
         )
     else:
         scheduler = FIFOScheduler()
-    search_alg, param_space = search_algorithm(spec)
+    search_alg, param_space = search_algorithm(spec, warm)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -106,8 +107,9 @@ def by_optuna(spec: SweepSpec) -> bool:
     return spec.search.algorithm == "optuna" or bool(spec.search.points_to_evaluate)
 
 
-def search_algorithm(spec: SweepSpec) -> tuple[Any, dict[str, Any]]:
-    """The Tune searcher of ``spec`` and the param space it needs (empty for Optuna's define-by-run)."""
+def search_algorithm(spec: SweepSpec, warm=None) -> tuple[Any, dict[str, Any]]:
+    """The Tune searcher of ``spec`` and the param space it needs (empty for Optuna's define-by-run);
+    ``warm``: earlier trials its Optuna study holds before the first suggestion."""
     if by_optuna(spec):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -120,12 +122,18 @@ def search_algorithm(spec: SweepSpec) -> tuple[Any, dict[str, Any]]:
             if spec.search.algorithm == "optuna"
             else optuna.samplers.RandomSampler(seed=seed)
         )
+        storage = None
+        if warm is not None:
+            from .warm import warm_storage
+
+            storage = warm_storage(spec, warm)
         search = OptunaSearch(
             space=optuna_space(spec),
             metric=spec.metric,
             mode=spec.mode,
             sampler=sampler,
             points_to_evaluate=spec.first_points() or None,
+            storage=storage,
         )
         return search, {}
     from ray.tune.search import BasicVariantGenerator
