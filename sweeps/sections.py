@@ -19,6 +19,10 @@ class SearchConfig(Strict):
         "optuna", description="optuna: TPE via Ray's OptunaSearch; random; grid: every grid value."
     )
     seed: int | None = Field(0, description="Searcher seed (reproducible suggestions).")
+    sampler: Literal["tpe", "nsga2"] = Field(
+        "tpe",
+        description="Optuna's sampler: tpe (multi-objective TPE for several metrics) or nsga2 (NSGA-II).",
+    )
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Trials to run first, each a mapping of searched keys to values; what a point leaves "
@@ -39,6 +43,9 @@ class SchedulerConfig(Strict):
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped.")
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA: keep 1/reduction_factor per rung.")
     max_t: int | None = Field(None, ge=1, description="ASHA: max epochs (default: trial train.epochs).")
+    metric: Literal["first"] | None = Field(
+        None, description="A multi-objective sweep with ASHA: `first` stops trials on the first metric alone."
+    )
 
 
 class Resources(Strict):

@@ -19,14 +19,14 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from trainer.config import AttentionConfig, TrialConfig, resolve_priors_file
-from trainer.dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping, set_dotted
+from trainer.dotted import flatten, format_validation_error, load_yaml_mapping, set_dotted
 from trainer.errors import ConfigError, UserError
 from trainer.metrics.names import check_metric, higher_is_better, logged_names
 
+from .checks import apply_sweep_overrides, one_selection_metric, settings_used_by_the_modes, validate_trial
 from .params import Param
 from .sections import MlflowConfig, Resources, SchedulerConfig, SearchConfig, Strict
 
@@ -68,10 +68,20 @@ class SweepSpec(Strict):
     max_concurrent_trials: int | None = Field(None, ge=1, description="Cap on trials running at once.")
     metric: str = Field(
         "val_f1_macro",
-        description="Validation metric the searcher and ASHA optimise; also each trial's selection metric.",
+        description="Validation metric the searcher and ASHA optimise; also each trial's selection metric. "
+        "A list ([val_f1_macro, val_pointing_game]) makes a multi-objective sweep: the searcher optimises "
+        "all of them, the first is each trial's selection metric (and ASHA's, with scheduler.metric: first).",
     )
     mode: Literal["max", "min"] | None = Field(
-        None, description="Its direction; left out, it follows the metric (and must agree with it)."
+        None,
+        description="Its direction (a list for a list of metrics); left out, it follows the metric (and must "
+        "agree with it).",
+    )
+    objectives: list[str] = Field(
+        default_factory=list, description="Set from a list `metric`: every objective, the first is `metric`."
+    )
+    modes: list[Literal["max", "min"]] = Field(
+        default_factory=list, description="The objectives' directions."
     )
     storage_path: str = Field("sweeps", description="Local directory or s3:// URI for Ray's results.")
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial, from its last checkpoint.")
@@ -83,24 +93,60 @@ class SweepSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _mode_follows_the_metric(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("mode") is None:
-            try:
-                data = {
-                    **data,
-                    "mode": "max" if higher_is_better(data.get("metric", "val_f1_macro")) else "min",
-                }
-            except UserError:
-                data = {**data, "mode": "max"}  # the metric's own check says what is wrong with it
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        metric = data.get("metric", "val_f1_macro")
+        if isinstance(metric, list):  # several objectives: the first is the metric, with its mode
+            if not metric or not all(isinstance(m, str) for m in metric):
+                raise ValueError(
+                    "metric: a list of validation metric names, e.g. [val_f1_macro, val_pointing_game]"
+                )
+            mode = data.get("mode")
+            if isinstance(mode, list) and len(mode) != len(metric):
+                raise ValueError(f"mode: {len(mode)} directions for {len(metric)} metrics")
+            if mode is not None and not isinstance(mode, list):
+                raise ValueError("mode: with a list of metrics give a list of directions, or leave it out")
+            data["metric"], data["objectives"] = metric[0], list(metric) if len(metric) > 1 else []
+            data["mode"] = mode[0] if mode else None
+            if len(metric) > 1:
+                data["modes"] = list(mode) if mode else [_direction(m) for m in metric]
+        if data.get("mode") is None:
+            data["mode"] = _direction(data.get("metric", "val_f1_macro"))
         return data
 
     @field_validator("metric")
     @classmethod
     def _validation_metric(cls, v: str) -> str:
-        if not v.startswith("val_"):
-            raise ValueError(f"metric must be a validation metric (val_*), got {v!r}: never select on test")
-        check_metric(v, logged_names("val_"), "a validation metric a trial logs")
-        higher_is_better(v)  # a score: it has a direction
-        return v
+        return _check_validation_metric(v)
+
+    @model_validator(mode="after")
+    def _objectives_are_validation_scores(self):
+        if not self.objectives:
+            return self
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"metric: {self.objectives} names a metric twice")
+        for name, mode in zip(self.objectives, self.modes, strict=True):
+            _check_validation_metric(name)
+            want = "max" if higher_is_better(name) else "min"
+            if mode != want:
+                raise ValueError(f"mode: {mode!r} contradicts metric {name!r}: leave mode out or set {want}")
+        if self.scheduler.type == "asha" and self.scheduler.metric != "first":
+            raise ValueError(
+                f"scheduler: ASHA stops trials on one metric, and this sweep has {len(self.objectives)} "
+                f"({', '.join(self.objectives)}). Use scheduler: {{type: fifo}} (every trial runs its "
+                f"epochs), or scheduler.metric: first to stop weak trials on {self.objectives[0]} alone"
+            )
+        return self
+
+    @property
+    def all_metrics(self) -> list[str]:
+        """Every objective of the sweep (one for a single-objective sweep), the first is ``metric``."""
+        return list(self.objectives) or [self.metric]
+
+    @property
+    def all_modes(self) -> list[str]:
+        return list(self.modes) or [self.mode]
 
     @model_validator(mode="after")
     def _mode_agrees_with_the_metric(self):
@@ -209,6 +255,21 @@ class SweepSpec(Strict):
         return self.num_samples * (self.grid_size if self.search.algorithm == "grid" else 1)
 
 
+def _check_validation_metric(v: str) -> str:
+    if not v.startswith("val_"):
+        raise ValueError(f"metric must be a validation metric (val_*), got {v!r}: never select on test")
+    check_metric(v, logged_names("val_"), "a validation metric a trial logs")
+    higher_is_better(v)  # a score: it has a direction
+    return v
+
+
+def _direction(metric: Any) -> str:
+    try:
+        return "max" if higher_is_better(metric) else "min"
+    except (UserError, TypeError):
+        return "max"  # the metric's own check says what is wrong with it
+
+
 def sweep_dir(spec: SweepSpec) -> str:
     """The sweep's folder in its storage: Ray's experiment state, trials and :data:`SPEC_FILE`."""
     return f"{spec.storage_path.rstrip('/')}/{spec.name}"
@@ -224,7 +285,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     """
     path = Path(path)
     raw = load_yaml_mapping(path, "sweep file")
-    _apply_sweep_overrides(raw, overrides or [])
+    apply_sweep_overrides(raw, overrides or [])
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
@@ -234,94 +295,20 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     if "://" not in storage and not Path(storage).is_absolute():
         storage = str((base / storage).resolve())
     trial = copy.deepcopy(spec.trial)
-    _one_selection_metric(trial, spec.metric, str(path))
+    one_selection_metric(trial, spec.metric, str(path))
     resolve_priors_file(trial, base)
     trial.setdefault("name", spec.name)
     trial.setdefault(
         "output_dir", str(Path(storage) / spec.name / "_base") if "://" not in storage else "runs"
     )
     spec = spec.model_copy(update={"storage_path": storage, "trial": trial})
-    base_cfg = _validate_trial(trial, {}, str(path), "trial").resolve_paths(base=base)
+    base_cfg = validate_trial(trial, {}, str(path), "trial").resolve_paths(base=base)
     spec = spec.model_copy(update={"trial": base_cfg.to_dict()})
     for key, p in spec.params.items():
         for probe in p.probes(key):
-            _validate_trial(spec.trial, probe, str(path), f"params.{key}")
-    _settings_used_by_the_modes(spec, base_cfg, str(path))
+            validate_trial(spec.trial, probe, str(path), f"params.{key}")
+    settings_used_by_the_modes(spec, base_cfg, str(path))
     return spec, base_cfg
-
-
-def _settings_used_by_the_modes(spec: SweepSpec, base: TrialConfig, source: str) -> None:
-    """A searched attention setting (threshold, τ) that the sweep's loss modes never read spends
-    trials on noise: refuse it, or ask for ``when`` where only some of the modes read it."""
-    from trainer.attention_loss import LOSS_MODES, create_loss_mode
-
-    searched = spec.params.get("attention.mode")
-    modes = list(searched.values) if searched is not None else [base.attention.mode]
-    settings = {s for name in LOSS_MODES for s in create_loss_mode(name).uses}
-    for key, p in spec.params.items():
-        setting = key.removeprefix("attention.")
-        if not key.startswith("attention.") or setting not in settings:
-            continue
-        allowed = [m for m in modes if m in (p.when or {}).get("attention.mode", modes)]
-        users = [m for m in allowed if setting in create_loss_mode(m).uses]
-        if not users:
-            raise ConfigError(
-                f"{source}: params.{key}: no loss mode this sweep runs ({', '.join(allowed)}) reads "
-                f"{setting}: every trial would draw it for nothing"
-            )
-        if len(users) < len(allowed):
-            raise ConfigError(
-                f"{source}: params.{key}: only mode {', '.join(users)} reads {setting}: add "
-                f"`when: {{attention.mode: [{', '.join(users)}]}}` so the other modes' trials do not draw it"
-            )
-
-
-def _one_selection_metric(trial: dict[str, Any], metric: str, source: str) -> None:
-    """Each trial picks its best epoch on the sweep's metric: the searcher, ASHA and every
-    ``best_val_*`` then rank one quantity. A trial config that names another is refused."""
-    train = trial.setdefault("train", {})
-    given = train.get("selection_metric") if isinstance(train, dict) else None
-    if given is not None and given != metric:
-        raise ConfigError(
-            f"{source}: trial.train.selection_metric {given!r} differs from metric {metric!r}: trials "
-            "would keep their best epoch on one while the searcher and ASHA rank the other. Set one of "
-            "them (the sweep's metric is every trial's selection metric)"
-        )
-    if isinstance(train, dict):
-        train["selection_metric"] = metric
-
-
-def _apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
-    """``key.sub=value`` overrides; ``params.<dotted.name>.<field>=value`` reaches into a parameter."""
-    plain = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if key.startswith("params.") and sep and key.count(".") >= 2:
-            name, _, field = key.removeprefix("params.").rpartition(".")
-            params = raw.setdefault("params", {})
-            if name not in params:
-                raise ConfigError(f"override {item!r}: no searched parameter {name!r}; have {sorted(params)}")
-            params[name][field] = yaml.safe_load(value)
-        else:
-            plain.append(item)
-    apply_overrides(raw, plain)
-
-
-def _validate_trial(trial: dict[str, Any], overrides: dict[str, Any], source: str, where: str) -> TrialConfig:
-    raw = copy.deepcopy(trial)
-    try:
-        for key, value in overrides.items():
-            set_dotted(raw, key, value)
-        return TrialConfig.from_dict(raw, source=f"{source}: {where}{_describe(overrides)}")
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {where}: {e}") from None
-
-
-def _describe(overrides: dict[str, Any]) -> str:
-    shown = flatten(overrides)
-    return f" (with {', '.join(f'{k}={v!r}' for k, v in shown.items())})" if shown else ""
 
 
 # ---- a trial of the sweep -----------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_the_pilots_configurations_become_completed_trials(tmp_path):
     uri, scores = _pilot(tmp_path)
     spec, _ = load_sweep(DEMO, overrides=["search.warm_start=pilot", f"storage_path={tmp_path}"])
     warm = warm_start(spec, uri)
-    assert sorted(v for _, _, v in warm.trials) == sorted(scores)
+    assert sorted(v for _, _, (v,) in warm.trials) == sorted(scores)
     assert (warm.skipped, warm.untagged) == (1, 1)
     assert "3 finished configurations of sweep 'pilot'" in warm.describe()
     assert "1 outside this sweep's space skipped" in warm.describe()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, results, sweep, trial
+from . import data, deliver, results, sweep, trial
 from .common import plain_help_types
 
 plain_help_types()
@@ -49,3 +49,4 @@ trial.register(app)
 app.add_typer(sweep.sweep_app, name="sweep")
 data.register(app)
 results.register(app)
+deliver.register(app)

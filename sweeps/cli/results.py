@@ -1,4 +1,5 @@
-"""What users do after a sweep: ``best``, ``report``, ``export``, ``predict`` and ``ui``.
+"""What users do after a sweep: ``best``, ``report`` and ``compare`` (``export``, ``predict`` and ``ui``
+are in :mod:`.deliver`).
 
 Every command finds a sweep the way ``cxr-sweep sweep status`` does: a sweep name with
 ``--storage`` (its saved spec says where its MLflow store is), or ``--tracking-uri`` /
@@ -14,36 +15,18 @@ from typing import Annotated
 import typer
 
 from .common import TableColumn, console, err_console, fail, param_lines, print_table, user_errors
+from .options import (
+    RESULT_ERRORS,
+    ExperimentOpt,
+    FilterOpt,
+    MetricOpt,
+    StoppedOpt,
+    StorageOpt,
+    SweepsOpt,
+    UriOpt,
+)
 
 __all__ = ["best_table", "register"]
-
-_Sweeps = Annotated[
-    list[str] | None, typer.Argument(help="Sweep name(s): each sweep's latest parent run and its trials.")
-]
-_Storage = Annotated[Path | None, typer.Option(help="The sweep's storage_path (finds its MLflow store).")]
-_Uri = Annotated[
-    str | None,
-    typer.Option(help="MLflow tracking URI (default: from --storage, $MLFLOW_TRACKING_URI, ./mlflow.db)."),
-]
-_Experiment = Annotated[
-    list[str] | None, typer.Option("--experiment", help="Also every trial run of this MLflow experiment.")
-]
-_Filter = Annotated[
-    str | None,
-    typer.Option(
-        "--filter", help="MLflow filter on the runs, e.g. \"params.`model.backbone` = 'resnet50'\"."
-    ),
-]
-_Metric = Annotated[
-    str | None,
-    typer.Option(
-        help="Validation metric that ranks runs (f1_macro, val_auc, ...; default: the sweep's metric)."
-    ),
-]
-_Stopped = Annotated[bool, typer.Option(help="Rank runs ASHA stopped early too (they have no test metrics).")]
-
-
-_RESULT_ERRORS = (ValueError, FileNotFoundError)  # a bad metric name or filter, a missing file
 
 
 def _runs(sweeps, storage, tracking_uri, experiments, filter_, include_stopped):
@@ -61,43 +44,60 @@ def _runs(sweeps, storage, tracking_uri, experiments, filter_, include_stopped):
 
 # ---- best ---------------------------------------------------------------------------------------------
 def best(
-    sweeps: _Sweeps = None,
-    storage: _Storage = None,
-    tracking_uri: _Uri = None,
-    experiment: _Experiment = None,
-    filter_: _Filter = None,
-    metric: _Metric = None,
+    sweeps: SweepsOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExperimentOpt = None,
+    filter_: FilterOpt = None,
+    metric: MetricOpt = None,
     top: Annotated[str, typer.Option(help="Rows to show: a number, or 'all'.")] = "5",
-    include_stopped: _Stopped = False,
+    include_stopped: StoppedOpt = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")
     ] = False,
+    pareto: Annotated[
+        bool,
+        typer.Option(
+            "--pareto",
+            help="The Pareto front of the sweep's metrics (or --metric a,b): the runs no other run beats "
+            "on every one of them (validation).",
+        ),
+    ] = False,
 ) -> None:
     """Rank a sweep's finished trials on a validation metric; show the top ones with test metrics."""
-    from ..results.select import metric_key, rank_runs
+    from ..results.select import metric_key, pareto_runs, rank_runs
 
     if top != "all" and not (top.isdigit() and int(top) >= 1):
         raise fail(f"--top must be a positive number or 'all', got {top!r}")
-    with user_errors(*_RESULT_ERRORS):
+    with user_errors(*RESULT_ERRORS):
         found = _runs(sweeps, storage, tracking_uri, experiment, filter_, include_stopped)
-        metric = metric or found.default_metric
-        ranked = rank_runs(found.runs, metric)
-    ranked = ranked if top == "all" else ranked[: int(top)]
+        if pareto:
+            metrics = [m.strip() for m in metric.split(",") if m.strip()] if metric else found.objectives
+            ranked = pareto_runs(found.runs, metrics)
+            metric = metrics[0]
+        else:
+            metric = metric or found.default_metric
+            ranked = rank_runs(found.runs, metric)
+    if not pareto:
+        ranked = ranked if top == "all" else ranked[: int(top)]
     key = metric_key(metric)
     if as_json:
         rows = [{"rank": i + 1, "selection_metric": key, **r.to_dict()} for i, r in enumerate(ranked)]
         typer.echo(json.dumps(rows, indent=2))
         return
-    title, columns, rows, caption = best_table(ranked, key, found)
+    title, columns, rows, caption = best_table(ranked, key, found, metrics if pareto else None)
     print_table(title, columns, rows, caption)
 
 
-def best_table(ranked, key: str, found) -> tuple[str, list[TableColumn], list[list[str]], str]:
+def best_table(
+    ranked, key: str, found, front: list[str] | None = None
+) -> tuple[str, list[TableColumn], list[list[str]], str]:
     """The ``best`` table as (title, columns, rows, caption): rank, trial, the selection metric,
-    test metrics (F1 and localization first), the searched values, the run id."""
+    test metrics (F1 and localization first), the searched values, the run id. ``front``: the
+    metrics of a Pareto front (each a validation column)."""
     from trainer.metrics import metric_label
 
-    from ..results.select import localization_logged
+    from ..results.select import localization_logged, metric_key
 
     shown = ["f1_macro", *localization_logged(ranked)]
     shown += ["accuracy", "auc", "sensitivity", "specificity", "youden_index", "discriminant_power"]
@@ -106,18 +106,28 @@ def best_table(ranked, key: str, found) -> tuple[str, list[TableColumn], list[li
     drop = {"f1_macro": 0, "youden_index": 2, "discriminant_power": 3, "auc": 4, "sensitivity": 5}
     drop.update(specificity=6, accuracy=7, pointing_game=1, cam_in_region=2)
     columns = [TableColumn("#", "right"), *([TableColumn("sweep")] if several else []), TableColumn("trial")]
-    columns += [TableColumn(f"val {metric_label(key.removeprefix('best_val_'), short=True)}", "right")]
+    vals = [metric_key(m) for m in front] if front else [key]
+    columns += [
+        TableColumn(f"val {metric_label(v.removeprefix('best_val_'), short=True)}", "right") for v in vals
+    ]
     columns += [TableColumn(metric_label(m, short=True), "right", drop.get(m, 3)) for m in shown]
     columns += [TableColumn("params"), TableColumn("run", drop=8)]
     rows = []
     for i, r in enumerate(ranked):
         values = [_num(r.metrics.get(f"test_{m}")) for m in shown]
         head = [str(i + 1), *([r.sweep] if several else []), r.trial_id or r.run_name]
-        val = _num(r.metrics[key])
-        if f"{key}_std" in r.metrics:  # seed repeats: the mean over seeds, and their spread
-            val += f" ±{_num(r.metrics[f'{key}_std'])}"
-        rows.append([*head, val, *values, param_lines(r.searched), r.run_id[:8]])
+        cells = []
+        for v in vals:
+            cells.append(_num(r.metrics[v]))
+            if f"{v}_std" in r.metrics:  # seed repeats: the mean over seeds, and their spread
+                cells[-1] += f" ±{_num(r.metrics[f'{v}_std'])}"
+        rows.append([*head, *cells, *values, param_lines(r.searched), r.run_id[:8]])
     title = f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); then test metrics"
+    if front:
+        title = (
+            f"Pareto front: {len(ranked)} of {len(found.runs)} finished runs that no other beats on all of "
+            f"{', '.join(vals)} (validation); then test metrics"
+        )
     caption = f"tracking store: {found.tracking_uri}"
     repeats = sorted({r.tags["cxr.repeats"] for r in ranked if "cxr.repeats" in r.tags})
     if repeats:
@@ -134,12 +144,12 @@ def _num(v: float | None) -> str:
 
 # ---- report -------------------------------------------------------------------------------------------
 def report(
-    sweeps: _Sweeps = None,
-    storage: _Storage = None,
-    tracking_uri: _Uri = None,
-    experiment: _Experiment = None,
-    filter_: _Filter = None,
-    metric: _Metric = None,
+    sweeps: SweepsOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExperimentOpt = None,
+    filter_: FilterOpt = None,
+    metric: MetricOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Folder for the tables (default: <storage>/<sweep>/report or ./report-<sweep>)."),
@@ -163,7 +173,7 @@ def report(
     from ..results.report import build_report
     from ..results.stored import stored_intervals
 
-    with user_errors(*_RESULT_ERRORS), tempfile.TemporaryDirectory(prefix="cxr-report-") as tmp:
+    with user_errors(*RESULT_ERRORS), tempfile.TemporaryDirectory(prefix="cxr-report-") as tmp:
         found = _runs(sweeps, storage, tracking_uri, experiment, filter_, False)
         names = list(sweeps or []) or list(experiment or [])
         out = out or _default_out(storage, names, "report")
@@ -174,7 +184,7 @@ def report(
         if len(found.parents) == 1:  # one sweep: one search space to attribute the score to
             params = saved_params(found.tracking_uri, next(iter(found.parents.values())))
             importance = param_importance(found.runs, chosen, params)
-        built = build_report(found.runs, chosen, out, title, intervals, importance)
+        built = build_report(found.runs, chosen, out, title, intervals, importance, found.objectives)
     for warning in built.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     if importance is not None and importance.values:
@@ -205,12 +215,12 @@ def _log_to_parents(found, files, what: str) -> None:
 
 # ---- compare ------------------------------------------------------------------------------------------
 def compare(
-    sweeps: _Sweeps = None,
-    storage: _Storage = None,
-    tracking_uri: _Uri = None,
-    experiment: _Experiment = None,
-    filter_: _Filter = None,
-    metric: _Metric = None,
+    sweeps: SweepsOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExperimentOpt = None,
+    filter_: FilterOpt = None,
+    metric: MetricOpt = None,
     baseline: Annotated[
         str, typer.Option(help="The baseline runs: key=value on the run params.")
     ] = "attention.lambda=1",
@@ -233,7 +243,7 @@ def compare(
     same test images: Δ with bootstrap intervals, DeLong, McNemar, Holm."""
     from ..results.compare import compare_runs, write_comparison
 
-    with user_errors(*_RESULT_ERRORS):
+    with user_errors(*RESULT_ERRORS):
         found = _runs(sweeps, storage, tracking_uri, experiment, filter_, False)
         names = list(sweeps or []) or list(experiment or [])
         comps = compare_runs(
@@ -280,159 +290,7 @@ def metric_label_short(name: str) -> str:
     return metric_label(name, short=True)
 
 
-# ---- export -------------------------------------------------------------------------------------------
-def export(
-    source: Annotated[
-        str, typer.Argument(help="A sweep name (its best run on validation) or an MLflow run id.")
-    ],
-    format_: Annotated[
-        str, typer.Option("--format", help="Comma-separated: torchscript, onnx.")
-    ] = "torchscript,onnx",
-    out: Annotated[
-        Path | None, typer.Option(help="Export folder (default: ./export-<run id prefix>).")
-    ] = None,
-    storage: _Storage = None,
-    tracking_uri: _Uri = None,
-    metric: _Metric = None,
-    atol: Annotated[float, typer.Option(help="Largest allowed |logit difference| to PyTorch.")] = 1e-4,
-    register: Annotated[bool, typer.Option(help="Register the model in the MLflow Model Registry.")] = True,
-    name: Annotated[str | None, typer.Option(help="Registered model name (default: cxr-<sweep>).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
-) -> None:
-    """Export the best (or a given) run's model to TorchScript/ONNX, with a model card, and register it."""
-    from ..results.export import export_model, parse_formats
-
-    with user_errors(*_RESULT_ERRORS):
-        result = export_model(
-            source,
-            parse_formats(format_),
-            out,
-            storage=storage,
-            tracking_uri=tracking_uri,
-            metric=metric,
-            atol=atol,
-            register=register,
-            registered_name=name,
-            overwrite=overwrite,
-        )
-    console.print(
-        f"run {result.run.run_id} ({result.run.run_name}) of sweep {result.run.sweep!r}", markup=False
-    )
-    if result.configuration is not None:
-        cfg = result.configuration
-        console.print(
-            f"the best of {cfg.tags.get('cxr.repeats', '?')} seeds (on validation) of configuration run "
-            f"{cfg.run_id} ({cfg.run_name}), ranked on their mean",
-            markup=False,
-        )
-    for fmt, path in result.files.items():
-        diff = result.max_abs_diff.get(fmt)
-        console.print(f"{fmt}: {path}" + (f"  (max |Δlogit| {diff:.2e})" if diff is not None else ""))
-    if result.registered:
-        console.print(f"registered: models:/{result.registered[0]}/{result.registered[1]}")
-
-
-# ---- predict ------------------------------------------------------------------------------------------
-def predict(
-    model: Annotated[Path, typer.Option(help="Export folder, its model.torchscript.pt, or its model.onnx.")],
-    images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
-    out: Annotated[Path, typer.Option(help="Output folder: predictions.csv, cams.npz, cam/*.png.")] = Path(
-        "predictions"
-    ),
-    runtime: Annotated[str, typer.Option(help="auto | torchscript | onnx (probabilities).")] = "auto",
-    cam: Annotated[bool, typer.Option(help="Grad-CAM overlays (need the TorchScript file).")] = True,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-) -> None:
-    """Run an exported model on images: probabilities (CSV) and Grad-CAM overlay PNGs."""
-    from ..results.predict import predict_folder
-
-    with user_errors(*_RESULT_ERRORS):
-        result = predict_folder(
-            model, images, out, runtime=runtime, cam=cam, batch_size=batch_size, overwrite=overwrite
-        )
-    console.print(f"{len(result.names)} images, probabilities from {result.runtime}: {result.csv}")
-    if result.overlays:
-        console.print(f"Grad-CAM overlays: {result.out_dir / 'cam'} ({len(result.overlays)} PNGs)")
-
-
-# ---- ui -----------------------------------------------------------------------------------------------
-def ui(
-    sweep: Annotated[str | None, typer.Argument(help="Sweep name: open its runs directly.")] = None,
-    storage: _Storage = None,
-    tracking_uri: _Uri = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 5000,
-) -> None:
-    """Start the MLflow UI on the sweep's tracking store (127.0.0.1 only) and print its URLs: the
-    trials best first with their λ, mode, searched values, F1, YI and DP; the top runs compared."""
-    from mlflow.tracking import MlflowClient
-
-    from ..results.ui import experiment_url, start_ui, stop_ui
-    from ..tracking.lookup import open_store, sweep_experiment
-
-    with user_errors(*_RESULT_ERRORS):
-        uri = open_store(sweep, storage, tracking_uri)
-        exp_id = None
-        if sweep is not None:
-            name = sweep_experiment(sweep, storage) or sweep
-            exp = MlflowClient(uri).get_experiment_by_name(name)
-            if exp is None:
-                raise fail(f"unknown sweep {sweep!r}: no MLflow experiment {name!r} in {uri}")
-            exp_id = exp.experiment_id
-        proc, base = start_ui(uri, port=port)
-    import signal
-    import sys
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too (finally below)
-    try:
-        console.print(f"MLflow UI on {uri}")
-        views = _sweep_views(uri, base, sweep, storage, exp_id) if sweep is not None else None
-        if views is None:
-            console.print(f"open {experiment_url(base, exp_id)}  (Ctrl-C stops it)", soft_wrap=True)
-        else:
-            console.print(f"open {views.trials}  (Ctrl-C stops it)", soft_wrap=True)
-            console.print("  the trials best first: λ, mode, searched values, test F1, YI, DP")
-            console.print(f"parallel coordinates: {views.charts}", soft_wrap=True)
-            if views.compare:
-                console.print(f"compare the top runs: {views.compare}", soft_wrap=True)
-            console.print(f"every run (parent, trials): {views.runs}", soft_wrap=True)
-    except BaseException:
-        stop_ui(proc)
-        raise
-    console.file.flush()  # the URL must reach a pipe (scripts, tests) before the wait
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_ui(proc)
-
-
-def _sweep_views(uri: str, base: str, sweep: str, storage, exp_id: str):
-    """The sweep's UI views, or None when it has no finished trial run yet (the plain runs page)."""
-    from mlflow.tracking import MlflowClient
-
-    from trainer.metrics import higher_is_better
-
-    from ..results.select import metric_key, rank_runs
-    from ..results.ui import sweep_views
-    from ..tracking.lookup import SelectionError, find_runs
-
-    try:
-        found = find_runs([sweep], storage=storage, tracking_uri=uri)
-        ranked = rank_runs(found.runs, found.default_metric)
-    except SelectionError:
-        return None
-    if not ranked:
-        return None
-    key = metric_key(found.default_metric)
-    mode = "max" if higher_is_better(key) else "min"
-    searched = sorted({f"search.{k}" for r in ranked for k in r.searched})
-    top = [r.run_id for r in ranked[:5]]
-    return sweep_views(MlflowClient(uri), base, exp_id, sweep, key, mode, top, searched)
-
-
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    for fn in (best, report, compare, export, predict, ui):
+    for fn in (best, report, compare):
         app.command(fn.__name__)(fn)

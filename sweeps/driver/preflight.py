@@ -36,10 +36,13 @@ def check_sweep(spec: SweepSpec, address: str | None) -> str:
         spec.trial["data"]["cache"], classes=classes_for(spec.trial["data"]["task"]), verify=False
     )
     lesions = bool(cache.lesion_known[cache.split_indices("val")].any())
-    try:  # localization scores need lesion masks in the validation split
-        check_metric(spec.metric, logged_names("val_", lesions), "a validation metric this cache gives")
-    except UserError as e:
-        raise ConfigError(f"metric: {e}; {cache.path} has no lesion masks in its validation split") from None
+    for metric in spec.all_metrics:
+        try:  # localization scores need lesion masks in the validation split
+            check_metric(metric, logged_names("val_", lesions), "a validation metric this cache gives")
+        except UserError as e:
+            raise ConfigError(
+                f"metric: {e}; {cache.path} has no lesion masks in its validation split"
+            ) from None
     return uri
 
 

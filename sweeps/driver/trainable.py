@@ -75,7 +75,8 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
         summary = _numbers(result)
         summary.update(
             {
-                sweep.metric: result[f"best_{sweep.metric}"],
+                # what the searcher receives: each objective at the trial's best epoch
+                **{m: result[f"best_{m}"] for m in sweep.all_metrics},
                 "epochs_done": result["epochs_run"],
                 "data_access": result["data_access"],
                 FINAL_KEY: 1,
@@ -163,7 +164,8 @@ def _repeated(sweep: SweepSpec, cfg, scratch: Path, info: dict[str, str], checkp
     means = seed_summary([_numbers(r) for r in results])
     summary = {
         **means,
-        sweep.metric: means[f"best_{sweep.metric}"],  # what the searcher receives: the mean over seeds
+        # what the searcher receives: each objective's mean over seeds
+        **{m: means[f"best_{m}"] for m in sweep.all_metrics},
         "epochs_done": max(r["epochs_run"] for r in results),
         "data_access": results[0]["data_access"],
         "repeats": len(cfgs),

@@ -117,11 +117,13 @@ def search_algorithm(spec: SweepSpec, warm=None) -> tuple[Any, dict[str, Any]]:
         if not verbose():
             optuna.logging.set_verbosity(optuna.logging.WARNING)
         seed = spec.search.seed
-        sampler = (
-            optuna.samplers.TPESampler(seed=seed)
-            if spec.search.algorithm == "optuna"
-            else optuna.samplers.RandomSampler(seed=seed)
-        )
+        if spec.search.algorithm != "optuna":
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        elif spec.search.sampler == "nsga2":
+            sampler = optuna.samplers.NSGAIISampler(seed=seed)
+        else:  # TPE: multi-objective TPE (MOTPE) when the sweep has several metrics
+            sampler = optuna.samplers.TPESampler(seed=seed)
+        several = bool(spec.objectives)
         storage = None
         if warm is not None:
             from .warm import warm_storage
@@ -129,8 +131,8 @@ def search_algorithm(spec: SweepSpec, warm=None) -> tuple[Any, dict[str, Any]]:
             storage = warm_storage(spec, warm)
         search = OptunaSearch(
             space=optuna_space(spec),
-            metric=spec.metric,
-            mode=spec.mode,
+            metric=spec.all_metrics if several else spec.metric,
+            mode=spec.all_modes if several else spec.mode,
             sampler=sampler,
             points_to_evaluate=spec.first_points() or None,
             storage=storage,

@@ -33,7 +33,7 @@ class WarmStart:
     """The earlier sweep's trials this sweep's searcher starts from."""
 
     source: str
-    trials: list[tuple[dict[str, Any], dict[str, Any], float]] = field(default_factory=list)
+    trials: list[tuple[dict[str, Any], dict[str, Any], list[float]]] = field(default_factory=list)
     skipped: int = 0  # finished runs whose draw lies outside this sweep's space
     untagged: int = 0  # finished runs logged before draws were stored
 
@@ -61,10 +61,10 @@ def warm_start(spec: SweepSpec, tracking_uri: str) -> WarmStart | None:
         found = find_runs([source], tracking_uri=tracking_uri)
     except SelectionError as e:
         raise SelectionError(f"{where}: {e}") from None
-    key = f"best_{spec.metric}"
-    scored = [r for r in found.runs if math.isfinite(r.metrics.get(key, math.nan))]
+    keys = [f"best_{m}" for m in spec.all_metrics]  # a multi-objective sweep: every objective
+    scored = [r for r in found.runs if all(math.isfinite(r.metrics.get(k, math.nan)) for k in keys)]
     if not scored:
-        raise SelectionError(f"{where}: none of its {len(found.runs)} finished runs logged {key}")
+        raise SelectionError(f"{where}: none of its {len(found.runs)} finished runs logged {', '.join(keys)}")
     tagged = [r for r in scored if SEARCH_CONFIG_TAG in r.tags]
     out = WarmStart(source, untagged=len(scored) - len(tagged))
     replayed = replay_draws(
@@ -74,7 +74,7 @@ def warm_start(spec: SweepSpec, tracking_uri: str) -> WarmStart | None:
         if draw is None:
             out.skipped += 1
         else:
-            out.trials.append((draw[0], draw[1], run.metrics[key]))
+            out.trials.append((draw[0], draw[1], [run.metrics[k] for k in keys]))
     if not out.trials:
         raise SelectionError(
             f"{where}: no finished configuration of it lies in this sweep's space ({out.describe()})"
@@ -91,7 +91,9 @@ def warm_storage(spec: SweepSpec, warm: WarmStart):
     study = optuna.create_study(
         storage=storage,
         study_name=STUDY_NAME,
-        direction="maximize" if spec.mode == "max" else "minimize",
+        directions=["maximize" if m == "max" else "minimize" for m in spec.all_modes],
     )
-    study.add_trials(optuna.trial.create_trial(params=p, distributions=d, value=v) for p, d, v in warm.trials)
+    study.add_trials(
+        optuna.trial.create_trial(params=p, distributions=d, values=v) for p, d, v in warm.trials
+    )
     return storage

@@ -30,6 +30,7 @@ from pathlib import Path
 from trainer.metrics import higher_is_better
 
 from ..tracking.lookup import RunRow
+from .front import front_chart
 from .importance import Importance, param_label
 from .select import localization_logged, rank_runs, summary_metrics
 from .tables import chart, lambda_order, latex, markdown
@@ -83,12 +84,14 @@ def build_report(
     title: str,
     intervals: Intervals | None = None,
     importance: Importance | None = None,
+    objectives: list[str] | None = None,
 ) -> Report:
     """Write ``report.md``, ``report.tex``, ``summary.csv``, ``detail.csv`` and ``yi_dp.png``.
 
     ``intervals``: a run → ``{metric: (low, high)}`` (the test metrics' 95 % intervals), called once
     for each run a table shows; the cells then read ``value [low, high]``. ``importance``: the
-    fANOVA importances of the searched settings (``importance.csv`` and a section of report.md)."""
+    fANOVA importances of the searched settings (``importance.csv`` and a section of report.md).
+    ``objectives``: a multi-objective sweep's metrics: ``pareto.png`` draws their front."""
     rank_runs(runs, metric)  # a metric nobody logged fails here, naming the logged ones
     cells = _best_cells(runs, metric)
     metrics = summary_metrics(runs)
@@ -108,7 +111,9 @@ def build_report(
         "report.tex": _write(out / "report.tex", latex(summary, detail, metric, title)),
         "yi_dp.png": chart(summary, out / "yi_dp.png"),
     }
-    if importance is not None:
+    if objectives and len(objectives) > 1:
+        files["pareto.png"] = front_chart(runs, objectives, out / "pareto.png")
+    if importance is not None and importance.values:
         rows = [
             {"parameter": k, "label": param_label(k), "importance": v} for k, v in importance.values.items()
         ]

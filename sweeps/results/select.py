@@ -14,7 +14,7 @@ from trainer.metrics import LOCALIZATION_METRICS, METRIC_NAMES, higher_is_better
 
 from ..tracking.lookup import RunRow, SelectionError
 
-__all__ = ["localization_logged", "metric_key", "rank_runs", "summary_metrics"]
+__all__ = ["localization_logged", "metric_key", "pareto_front", "pareto_runs", "rank_runs", "summary_metrics"]
 
 
 def metric_key(metric: str) -> str:
@@ -53,3 +53,36 @@ def localization_logged(runs: list[RunRow]) -> list[str]:
 def summary_metrics(runs: list[RunRow]) -> list[str]:
     """The test metric names a table shows: §5's, plus localization scores where any run logged them."""
     return [*METRIC_NAMES, *localization_logged(runs)]
+
+
+def pareto_front(points: list[tuple[float, ...]], higher: list[bool]) -> list[int]:
+    """Indices of the non-dominated ``points``: no other point is at least as good on every
+    objective and better on one (``higher[k]``: objective k is maximised). Points with a NaN are
+    never on the front; equal points are all kept."""
+    signed = [tuple(v if up else -v for v, up in zip(p, higher, strict=True)) for p in points]
+    ok = [i for i, p in enumerate(signed) if all(math.isfinite(v) for v in p)]
+    front = []
+    for i in ok:
+        p = signed[i]
+        beaten = any(
+            all(q >= v for q, v in zip(signed[j], p, strict=True)) and signed[j] != p for j in ok if j != i
+        )
+        if not beaten:
+            front.append(i)
+    return front
+
+
+def pareto_runs(runs: list[RunRow], metrics: list[str]) -> list[RunRow]:
+    """The runs on the Pareto front of ``metrics`` (validation), ordered by the first, best first."""
+    if len(metrics) < 2:
+        raise SelectionError(
+            f"--pareto needs two or more metrics; got {', '.join(metrics) or 'none'}: pass "
+            "--metric val_f1_macro,val_pointing_game (a multi-objective sweep names its own)"
+        )
+    keys = [metric_key(m) for m in metrics]
+    for key in keys:
+        rank_runs(runs, key)  # a metric nobody logged fails here, naming the logged ones
+    have = [r for r in runs if all(math.isfinite(r.metrics.get(k, math.nan)) for k in keys)]
+    points = [tuple(r.metrics[k] for k in keys) for r in have]
+    front = [have[i] for i in pareto_front(points, [higher_is_better(k) for k in keys])]
+    return rank_runs(front, keys[0])

@@ -92,6 +92,7 @@ class SweepRuns:
     runs: list[RunRow]
     parents: dict[str, str]  # sweep (experiment) name → parent run id
     default_metric: str = _DEFAULT_METRIC
+    objectives: list[str] = field(default_factory=list)  # a multi-objective sweep's metrics
 
 
 # ---- the tracking store -------------------------------------------------------------------------------
@@ -186,12 +187,14 @@ def find_runs(
     sources: list[tuple[str, str, str]] = []  # (label, experiment id, filter)
     parents: dict[str, str] = {}
     default_metric = _DEFAULT_METRIC
+    objectives: list[str] = []
     for name in sweeps:
         exp_name = sweep_experiment(name, storage) or name
         exp = _experiment(client, exp_name, uri)
         parent = _latest_parent(client, exp, name)
         parents[exp_name] = parent.info.run_id
         default_metric = parent.data.params.get("metric", default_metric)
+        objectives = [m for m in parent.data.params.get("objectives", "").split(",") if m]
         sources.append(
             (f"sweep {name!r}", exp.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         )
@@ -210,7 +213,7 @@ def find_runs(
         if not keep:
             raise SelectionError(f"{label} has no finished trial runs ({_census(these)})")
         rows.update((r.run_id, r) for r in keep)
-    return SweepRuns(uri, list(rows.values()), parents, default_metric)
+    return SweepRuns(uri, list(rows.values()), parents, default_metric, objectives)
 
 
 def sweep_experiment(sweep: str, storage: str | Path | None) -> str | None:

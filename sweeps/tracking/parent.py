@@ -84,6 +84,14 @@ def _parent_run(client, uri: str, spec: SweepSpec, space_file: str | None, resto
         "resources.gpu": spec.resources.gpu,
         "max_failures": spec.max_failures,
         "params": ", ".join(spec.params),
+        **(
+            {"objectives": ",".join(spec.all_metrics), "modes": ",".join(spec.all_modes)}
+            if spec.objectives
+            else {}
+        ),
+        **({"repeats": spec.repeats} if spec.repeats > 1 else {}),
+        **({"search.sampler": spec.search.sampler} if spec.search.algorithm == "optuna" else {}),
+        **({"search.warm_start": spec.search.warm_start} if spec.search.warm_start else {}),
     }.items():
         client.log_param(run.info.run_id, key, str(value))
     return exp_id, run.info.run_id
