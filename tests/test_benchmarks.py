@@ -106,3 +106,16 @@ def test_compare_time_smoke(tmp_path):
     )
     report = json.loads(out.read_text())
     assert [r["classes"] for r in report["results"]] == [2, 3] and report["results"][0]["median_s"] > 0
+
+
+@pytest.mark.slow
+def test_repeats_overhead_smoke(tmp_path):
+    import repeats_overhead
+
+    out = tmp_path / "ro.json"
+    args = ["--repeats", "2", "--epochs", "1", "--pairs", "1", "--patients", "30", "--out", str(out)]
+    assert repeats_overhead.main(args) == 0
+    report = json.loads(out.read_text())
+    for level in ("trainer", "sweep"):
+        (pair,) = report["pairs"][level]
+        assert pair["repeats_s"] > 0 and pair["ratio"] == pair["repeats_s"] / pair["singles_s"]

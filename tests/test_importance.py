@@ -81,15 +81,15 @@ def test_a_schedule_choice_that_matters_is_found(demo_params):
 def test_too_few_trials_or_draws_outside_the_space_say_why(demo_params):
     few = param_importance(_demo_runs(MIN_TRIALS - 1, _lr_only), "val_f1_macro", demo_params)
     assert not few.values and f"fANOVA needs {MIN_TRIALS}" in few.note
-    runs = _demo_runs(6, _lr_only)
+    runs = _demo_runs(MIN_TRIALS + 2, _lr_only)
     for r in runs[:3]:  # drawn by another space: t outside this sweep's [0.3, 0.7]
         config = json.loads(r.tags[SEARCH_CONFIG_TAG])
         r.tags[SEARCH_CONFIG_TAG] = json.dumps({**config, "attention.threshold": 0.95})
     outside = param_importance(runs, "val_f1_macro", demo_params)
-    assert outside.n_trials == 3 and "lie in the sweep's space" in outside.note
-    same = param_importance(_demo_runs(8, lambda c: 0.5), "val_f1_macro", demo_params)
+    assert outside.n_trials == MIN_TRIALS - 1 and "lie in the sweep's space" in outside.note
+    same = param_importance(_demo_runs(MIN_TRIALS, lambda c: 0.5), "val_f1_macro", demo_params)
     assert "no variance" in same.note
-    untagged = [_run(i, {}, 0.5) for i in range(5)]
+    untagged = [_run(i, {}, 0.5) for i in range(MIN_TRIALS)]
     for r in untagged:
         del r.tags[SEARCH_CONFIG_TAG]
     assert "logged before this version" in param_importance(untagged, "val_f1_macro").note

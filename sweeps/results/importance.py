@@ -29,7 +29,7 @@ from .select import metric_key
 
 __all__ = ["MIN_TRIALS", "Importance", "param_importance", "param_label", "saved_params"]
 
-MIN_TRIALS = 4  # fewer, and a forest of them says nothing
+MIN_TRIALS = 8  # fewer, and a forest of them says nothing
 
 
 @dataclass

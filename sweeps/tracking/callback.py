@@ -92,6 +92,7 @@ class MlflowSweepCallback(Callback):
                 if run.info.status == "KILLED" and INTERRUPTED_TAG in run.data.tags:
                     self.interrupted.add(tid)
         self.seed_runs: dict[tuple[str, int], str] = {}  # (Ray trial id, seed index) → MLflow run id
+        self.seeds_seen: set[str] = set()  # seed runs of an earlier driver checked for an interruption
         if spec.repeats > 1:
             configs = set(self.runs.values())
             for run in self.client.search_runs(
@@ -141,11 +142,12 @@ class MlflowSweepCallback(Callback):
         key = (trial.trial_id, i)
         if key in self.seed_runs:
             run_id = self.seed_runs[key]
-            if trial.trial_id not in self.interrupted:
+            if run_id not in self.seeds_seen:  # the resumed sweep runs it again: so does its run
                 run = self.client.get_run(run_id)
                 if run.info.status == "KILLED" and INTERRUPTED_TAG in run.data.tags:
                     self.client.update_run(run_id, status="RUNNING")
                     self.client.delete_tag(run_id, INTERRUPTED_TAG)
+                self.seeds_seen.add(run_id)
             return run_id
         parent = self._run_id(trial)
         cfg = self._trial_config(trial)
@@ -165,6 +167,7 @@ class MlflowSweepCallback(Callback):
         log_params(self.client, run_id, {**cfg.flat_params(), "train.seed": str(seed)})
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
         self.seed_runs[key] = run_id
+        self.seeds_seen.add(run_id)
         self.last_epoch[run_id] = -1
         return run_id
 

@@ -109,3 +109,39 @@ def test_a_failure_after_trials_started_is_one_line_and_leaves_nothing_running(n
     assert [r.info.status for r in parents] == ["FAILED"]
     assert all(r.info.status == "FAILED" for r in children)  # none left RUNNING
     assert not (tmp_path / "demo").exists()  # no trial finished: nothing to resume, nothing left
+
+
+def test_a_repeated_sweep_interrupted_and_resumed_logs_every_seed_epoch_once(ne_cache, tmp_path):
+    # seed repeats: the configuration's checkpoint holds every seed's; resume continues them all
+    epochs = {"trial.train.epochs": "12", "trial.train.early_stop_patience": "12"}
+    args = [*_args(ne_cache, tmp_path, num_samples="2", repeats="2", **epochs), "--every", "2"]
+    driver = subprocess.Popen(
+        [*CLI, *args], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    while epochs_logged(tmp_path / "mlflow.db") < 4:  # a configuration run and its 2 seeds: epoch 0
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no epoch logged in 5 minutes"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGINT)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out[-3000:]
+    client, parents, configs = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "demo")
+    exp = parents[0].info.experiment_id
+    seeds = client.search_runs([exp], "tags.`cxr.kind` = 'seed'")
+    assert seeds and not [r for r in [*configs, *seeds] if r.info.status == "RUNNING"]
+
+    resume = _cli("sweep", "resume", "demo", "--storage", str(tmp_path))
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+    client, parents, configs = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "demo")
+    seeds = client.search_runs([exp], "tags.`cxr.kind` = 'seed'")
+    assert len(configs) == 2 and len(seeds) == 4
+    for r in [*configs, *seeds]:
+        assert r.info.status == "FINISHED" and "cxr.interrupted" not in r.data.tags, r.info.run_name
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(int(r.data.metrics["epochs_run"]))), (r.info.run_name, steps)
+    for c in configs:  # the configuration's summary is its seeds' mean, after the resume too
+        mine = [s for s in seeds if s.data.tags["mlflow.parentRunId"] == c.info.run_id]
+        assert len(mine) == 2
+        mean = sum(s.data.metrics["test_f1_macro"] for s in mine) / 2
+        assert abs(c.data.metrics["test_f1_macro"] - mean) < 1e-12
