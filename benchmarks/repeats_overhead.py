@@ -95,6 +95,11 @@ def _sweep_pair(cache: Path, tmp: Path, k: int, epochs: int, i: int) -> tuple[fl
     return t_rep, t_one
 
 
+def _record(rows: list[dict[str, float]], what: str, t_rep: float, t_one: float) -> None:
+    rows.append({"repeats_s": t_rep, "singles_s": t_one, "ratio": t_rep / t_one})
+    print(f"{what}: repeats {t_rep:.1f} s, singles {t_one:.1f} s, ratio {t_rep / t_one:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="k: seeds per configuration")
@@ -117,16 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         cache = cache_from_phantoms(tmp / "ph", tmp / "cache", "ne")
         _trainer_pair(cache, tmp, 1, 1)  # warm-up: imports, first allocations
         for i in range(args.pairs):
-            t_rep, t_one = _trainer_pair(cache, tmp, args.repeats, args.epochs)
-            results["trainer"].append({"repeats_s": t_rep, "singles_s": t_one, "ratio": t_rep / t_one})
-            print(f"trainer pair {i}: repeats {t_rep:.1f} s, singles {t_one:.1f} s, ratio {t_rep / t_one:.3f}")
+            _record(
+                results["trainer"], f"trainer pair {i}", *_trainer_pair(cache, tmp, args.repeats, args.epochs)
+            )
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             _sweep_pair(cache, tmp, 1, 1, -1)  # warm-up: Ray's workers, the MLflow store
             for i in range(args.pairs):
-                t_rep, t_one = _sweep_pair(cache, tmp, args.repeats, args.epochs, i)
-                results["sweep"].append({"repeats_s": t_rep, "singles_s": t_one, "ratio": t_rep / t_one})
-                print(f"sweep pair {i}: repeats {t_rep:.1f} s, singles {t_one:.1f} s, ratio {t_rep / t_one:.3f}")
+                pair = _sweep_pair(cache, tmp, args.repeats, args.epochs, i)
+                _record(results["sweep"], f"sweep pair {i}", *pair)
         finally:
             ray.shutdown()
     summary = {

@@ -12,6 +12,7 @@ from trainer.metrics import metric_label
 
 from ..tracking.lookup import RunRow
 from .select import metric_key, pareto_runs
+from .tables import save_png
 
 __all__ = ["front_chart"]
 
@@ -70,9 +71,4 @@ def front_chart(runs: list[RunRow], metrics: list[str], path: Path) -> Path:
     bars = "; bars: 95 % interval over seeds" if any(err(r, kx) for r in have) else ""
     ax.set_title(f"{len(front)} of {len(have)} configurations on the front{bars}{extra}", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path)

@@ -11,7 +11,7 @@ from trainer.tasks import TASKS
 
 from .select import metric_key
 
-__all__ = ["chart", "lambda_order", "latex", "markdown", "task_title"]
+__all__ = ["chart", "lambda_order", "latex", "markdown", "save_png", "task_title"]
 
 
 def lambda_order(label: str) -> tuple[int, float]:
@@ -234,6 +234,13 @@ def chart(summary: list[dict[str, object]], path: Path) -> Path:
             ax.set_title(f"{task_title(task)} — {metric_label(m)}", fontsize=9)
             ax.axhline(0, color="black", lw=0.6)
         row[0].legend(fontsize=7, loc="upper left")
+    return save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` whole (a temporary file, then renamed) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
