@@ -2,8 +2,9 @@
 
 Synthetic predictions of two correlated models, binary and 3-class: the paired, stratified
 bootstrap of Δ F1/YI/DP/accuracy/AUC (2000 resamples), DeLong (binary) and McNemar, as
-``sweeps.results.compare`` runs them per candidate. Each case runs ``--repeats`` times in one
-process; the median is reported.
+``sweeps.results.compare`` runs them per candidate; and, binary, both sides trained with
+``--seeds`` seeds (the bootstrap then scores every seed on each resample, the tests run per seed
+pair). Each case runs ``--repeats`` times in one process; the median is reported.
 
     python benchmarks/compare_time.py --out benchmarks/results/compare_time_cpu.json
 """
@@ -41,23 +42,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per side in the seed-repeats case")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compare_time_cpu.json"))
     args = ap.parse_args(argv)
     results = []
-    for n_classes in (2, 3):
-        labels, a, b = _case(n_classes, args.images, n_classes)
+    for n_classes, seeds in ((2, 1), (3, 1), (2, args.seeds)):
+        cases = [_case(n_classes, args.images, n_classes + 10 * s) for s in range(seeds)]
+        labels = cases[0][0]
+        a = np.stack([c[1] for c in cases]) if seeds > 1 else cases[0][1]
+        b = np.stack([c[2] for c in cases]) if seeds > 1 else cases[0][2]
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             paired_bootstrap(labels, a, b, n_resamples=args.resamples, seed=0)
-            mcnemar_exact(a.argmax(1) == labels, b.argmax(1) == labels)
-            if n_classes == 2:
-                delong(labels == 1, a[:, 1], b[:, 1])
+            for pa, pb in zip(a.reshape(seeds, *a.shape[-2:]), b.reshape(seeds, *b.shape[-2:]), strict=True):
+                mcnemar_exact(pa.argmax(1) == labels, pb.argmax(1) == labels)
+                if n_classes == 2:
+                    delong(labels == 1, pa[:, 1], pb[:, 1])
             times.append(time.perf_counter() - t0)
-        results.append({"classes": n_classes, "seconds": times, "median_s": statistics.median(times)})
+        results.append(
+            {"classes": n_classes, "seeds": seeds, "seconds": times, "median_s": statistics.median(times)}
+        )
         print(
-            f"{n_classes} classes, {args.images} images, {args.resamples} resamples: "
-            f"median {statistics.median(times):.2f} s over {args.repeats}"
+            f"{n_classes} classes, {seeds} seed(s) per side, {args.images} images, {args.resamples} "
+            f"resamples: median {statistics.median(times):.2f} s over {args.repeats}"
         )
     out = {
         "benchmark": "compare_time",

@@ -112,7 +112,7 @@ def test_checkpoint_metadata_and_mismatches(quick_segmenter, tmp_path):
         load_segmenter(quick_segmenter, expect_input_size=256)
     with pytest.raises(SegmenterError, match="encoder is 'resnet18', but 'resnet34'"):
         load_segmenter(quick_segmenter, expect_encoder="resnet34")
-    ckpt = torch.load(quick_segmenter, weights_only=False)
+    ckpt = torch.load(quick_segmenter, weights_only=True)
     ckpt["meta"]["encoder"] = "resnet34"  # weights no longer fit the encoder the metadata names
     torch.save(ckpt, tmp_path / "lying.pt")
     with pytest.raises(SegmenterError, match="weights do not fit a U-Net with encoder 'resnet34'"):

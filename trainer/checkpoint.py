@@ -27,6 +27,7 @@ __all__ = [
     "load_checkpoint",
     "model_payload",
     "read_progress",
+    "safe_load",
     "save_checkpoint",
 ]
 
@@ -98,12 +99,27 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, scaler, progres
     )
 
 
+def safe_load(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a checkpoint file that only tensors and plain data may come out of
+    (``weights_only``): a file holding anything that would run code is refused, naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointMismatchError(
+            f"{path}: holds objects other than tensors and plain data; not loaded, as loading it could "
+            f"run code ({first})"
+        ) from None
+
+
 def read_progress(ckpt_dir: Path) -> Progress:
     """The loop state of checkpoint ``ckpt_dir`` alone (tensors only: nothing in it runs code)."""
     f = ckpt_dir / STATE_FILE
     if not f.is_file():
         raise CheckpointMismatchError(f"{ckpt_dir}: not a trial checkpoint (no {STATE_FILE})")
-    return Progress(**torch.load(f, map_location="cpu", weights_only=True)["progress"])
+    return Progress(**safe_load(f)["progress"])
 
 
 def load_checkpoint(ckpt_dir: Path, cfg, model, optimizer, scheduler, scaler, device) -> Progress:
@@ -113,7 +129,7 @@ def load_checkpoint(ckpt_dir: Path, cfg, model, optimizer, scheduler, scaler, de
         raise CheckpointMismatchError(
             f"{ckpt_dir}: not a trial checkpoint (needs {STATE_FILE} and {BEST_FILE})"
         )
-    state = torch.load(f, map_location=device, weights_only=False)
+    state = safe_load(f, map_location=device)
     mine, theirs = _identity(cfg), state.get("identity", {})
     if mine != theirs:
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}

@@ -33,6 +33,7 @@ from .checkpoint import (
     load_checkpoint,
     model_payload,
     read_progress,
+    safe_load,
     save_checkpoint,
 )
 from .config import ConfigError, TrialConfig, load_config
@@ -190,7 +191,7 @@ def trial_steps(
         if progress.stale_epochs >= cfg.train.early_stop_patience:
             break
 
-    best = torch.load(ckpt_dir / BEST_FILE, map_location=device, weights_only=False)
+    best = safe_load(ckpt_dir / BEST_FILE, map_location=device)
     model.load_state_dict(best["state_dict"])
     best_row = _best_row(progress)
     test = evaluate(model, loaders["test"], prep, cfg, table, amp, best_row["lambda"], keep_examples=16)

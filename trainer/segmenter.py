@@ -203,7 +203,7 @@ def load_segmenter(
     """Load a checkpoint written by :func:`train_segmenter`; mismatches raise :class:`SegmenterError`."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a user's file: no code may run
     except FileNotFoundError:
         raise SegmenterError(f"{path}: segmenter checkpoint not found") from None
     except Exception as e:  # torch raises many types for garbage files

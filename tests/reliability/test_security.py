@@ -96,3 +96,45 @@ def test_patient_images_leave_only_for_public_or_synthetic_data(ne_cache, tmp_pa
     assert run.data.tags.get("cxr.data_access", "private") == "private"
     client, run = _train(tmp_path / "s", ne_cache)  # the same on synthetic data: overlays are logged
     assert "plots/gradcam_test.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+
+
+class _RunsCode:
+    """A pickle that, loaded the unsafe way, would run code (here: create a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_and_segmenters_load_without_running_code(ne_cache, tmp_path):
+    import pytest
+    import torch
+
+    from tests.conftest import tiny_config
+    from trainer.checkpoint import BEST_FILE, STATE_FILE, CheckpointMismatchError
+    from trainer.loop import run_trial
+    from trainer.segmenter import SegmenterError, load_segmenter
+
+    marker = tmp_path / "code-ran"
+    evil = {"format": "cxr-lung-unet/1", "meta": _RunsCode(marker), "state_dict": {}}
+    torch.save(evil, tmp_path / "segmenter.pt")
+    with pytest.raises(SegmenterError, match="segmenter.pt: not a readable segmenter checkpoint"):
+        load_segmenter(tmp_path / "segmenter.pt")
+    # a trial resumed from a checkpoint folder someone else wrote
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"identity": _RunsCode(marker)}, ckpt / STATE_FILE)
+    torch.save({"state_dict": _RunsCode(marker)}, ckpt / BEST_FILE)
+    cfg = tiny_config(ne_cache, tmp_path / "out", train={"epochs": 1})
+    with pytest.raises(CheckpointMismatchError, match=r"state.pt: holds objects other than tensors"):
+        run_trial(cfg, resume_from=ckpt)
+    assert not marker.exists()
+    # the files these loaders are given in normal use still load that way
+    done = run_trial(tiny_config(ne_cache, tmp_path / "ok", train={"epochs": 1}))
+    resumed = run_trial(
+        tiny_config(ne_cache, tmp_path / "ok", train={"epochs": 2}),
+        resume_from=tmp_path / "ok" / "checkpoint",
+    )
+    assert done["epochs_run"] == 1 and resumed["epochs_run"] == 2
