@@ -23,7 +23,7 @@ from trainer.metrics import metric_label
 
 from ..tracking.lookup import RunRow, SelectionError
 from .select import rank_runs
-from .stats import Delta, delong, holm, mcnemar_exact, paired_bootstrap
+from .stats import BOOTSTRAP_METRICS, Delta, delong, holm, mcnemar_exact, paired_bootstrap, paired_seeds
 from .stored import load_test_predictions
 
 __all__ = ["MIN_TEST_IMAGES", "Comparison", "compare_runs", "parse_candidates", "write_comparison"]
@@ -119,8 +119,6 @@ def _matches(run: RunRow, baseline: str) -> bool:
 
 def _across_seeds(base: list[RunRow], cand: list[RunRow]) -> dict[str, dict[str, float]]:
     """Per metric of the bootstrap, the paired test of seed i against seed i (their logged test values)."""
-    from .stats import BOOTSTRAP_METRICS, paired_seeds
-
     out = {}
     for m in BOOTSTRAP_METRICS:
         a = [r.metrics.get(f"test_{m}", math.nan) for r in base]

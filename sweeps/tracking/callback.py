@@ -93,6 +93,7 @@ class MlflowSweepCallback(Callback):
                     self.interrupted.add(tid)
         self.seed_runs: dict[tuple[str, int], str] = {}  # (Ray trial id, seed index) → MLflow run id
         self.seeds_seen: set[str] = set()  # seed runs of an earlier driver checked for an interruption
+        self.fetched: dict[str, str] = {}  # the last final checkpoint fetched → its local folder
         if spec.repeats > 1:
             configs = set(self.runs.values())
             for run in self.client.search_runs(
@@ -387,11 +388,9 @@ class MlflowSweepCallback(Callback):
 
     def _local_checkpoint(self, ckpt) -> str:
         """A local copy of ``ckpt`` (its own folder on local storage), fetched once per checkpoint."""
-        cache = self.__dict__.setdefault("_fetched", {})
-        if ckpt.path not in cache:
-            cache.clear()
-            cache[ckpt.path] = ckpt.to_directory()
-        return cache[ckpt.path]
+        if ckpt.path not in self.fetched:
+            self.fetched = {ckpt.path: ckpt.to_directory()}
+        return self.fetched[ckpt.path]
 
 
 def _checkpoint_file(ckpt, name: str) -> str:
