@@ -123,7 +123,10 @@ def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_node
             affected += 1
             before = max(x["epoch"] for x in lines if x["node_id"] == lost and "epoch" in x)
             after = next(x for x in lines if x["node_id"] != lost)
-            assert before >= 1 and after["epoch"] == before + 1, (before, after["epoch"])  # not from epoch 0
+            # resumed from the last checkpoint Tune registered: its last report's, or the one before
+            # when the node died between the report and Tune's save of its checkpoint (a second call
+            # to the trial's actor); never from epoch 0
+            assert before >= 1 and after["epoch"] in (before, before + 1), (before, after["epoch"])
             assert lines[-1].get("trial_done") == 1
     assert affected >= 1
     assert not list(tmp_path.glob(".cxr-storage-check-*"))  # the shared-storage probe cleaned up

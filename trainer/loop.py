@@ -46,6 +46,7 @@ from .metrics import check_metric, higher_is_better, logged_names
 from .priors import prior_table
 
 __all__ = [
+    "LAST_EPOCH",
     "CheckpointMismatchError",
     "TrialDiverged",
     "amp_dtype",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 Report = Callable[[dict[str, float], int, Path], None]
+LAST_EPOCH = "last_epoch"  # 1.0 in the report of the last epoch a trial trains (by epochs or early stopping)
 
 
 class TrialDiverged(FloatingPointError):
@@ -186,9 +188,11 @@ def trial_steps(
         progress.history.append(metrics)
         progress.next_epoch = epoch + 1
         save_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler, progress, cfg)
-        # with the best epoch so far: the trial's rule is the one that picks it
-        yield {**metrics, **_best_so_far(progress)}, epoch, ckpt_dir
-        if progress.stale_epochs >= cfg.train.early_stop_patience:
+        done = epoch + 1 == cfg.train.epochs or progress.stale_epochs >= cfg.train.early_stop_patience
+        # with the best epoch so far (the trial's rule is the one that picks it), and whether this
+        # epoch is the last it trains: a scheduler that stopped it now would only skip its test
+        yield {**metrics, **_best_so_far(progress), LAST_EPOCH: float(done)}, epoch, ckpt_dir
+        if done:
             break
 
     best = safe_load(ckpt_dir / BEST_FILE, map_location=device)

@@ -49,8 +49,9 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool, warm=None):
     ``warm``: the :class:`~sweeps.driver.warm.WarmStart` its searcher starts from."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
+    from .scheduler import FinishingASHA
     from .trainable import sweep_trainable
 
     trainable = tune.with_resources(
@@ -68,7 +69,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool, warm=None):
     if spec.scheduler.type == "asha":
         # ASHA stops a trial once it reaches max_t; one beyond the last epoch lets a trial that
         # trains all its epochs finish its test evaluation and final report.
-        scheduler = ASHAScheduler(
+        scheduler = FinishingASHA(
             time_attr="epochs_done",
             max_t=(spec.scheduler.max_t or epochs) + 1,
             grace_period=min(spec.scheduler.grace_period, epochs),
