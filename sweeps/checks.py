@@ -19,17 +19,17 @@ __all__ = ["apply_sweep_overrides", "one_selection_metric", "settings_used_by_th
 def settings_used_by_the_modes(spec, base: TrialConfig, source: str) -> None:
     """A searched attention setting (threshold, τ) that the sweep's loss modes never read spends
     trials on noise: refuse it, or ask for ``when`` where only some of the modes read it."""
-    from trainer.attention_loss import LOSS_MODES, create_loss_mode
+    from trainer.loss_modes import mode_info, mode_names
 
     searched = spec.params.get("attention.mode")
     modes = list(searched.values) if searched is not None else [base.attention.mode]
-    settings = {s for name in LOSS_MODES for s in create_loss_mode(name).uses}
+    settings = {s for name in mode_names() for s in mode_info(name).uses}
     for key, p in spec.params.items():
         setting = key.removeprefix("attention.")
         if not key.startswith("attention.") or setting not in settings:
             continue
         allowed = [m for m in modes if m in (p.when or {}).get("attention.mode", modes)]
-        users = [m for m in allowed if setting in create_loss_mode(m).uses]
+        users = [m for m in allowed if setting in mode_info(m).uses]
         if not users:
             raise ConfigError(
                 f"{source}: params.{key}: no loss mode this sweep runs ({', '.join(allowed)}) reads "

@@ -53,3 +53,30 @@ def test_trial_runs_without_ray_mlflow_optuna(ne_cache, tmp_path):
     )
     r = _run(code)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_config_is_checked_without_pytorch():
+    """Validating a trial config (what ``sweep status`` and the sweep checks do for every trial) needs
+    the loss modes' properties only: PyTorch, scikit-learn and timm stay unimported."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from trainer.config import AttentionConfig
+        for mode in ("paper", "soft", "energy"):
+            AttentionConfig.model_validate({"mode": mode, "lambda": 0.5}).inactive()
+        print(sorted(m for m in ("torch", "sklearn", "timm") if m in sys.modules))
+        """
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_the_mode_table_is_what_the_loss_registry_holds():
+    from trainer.attention_loss import LOSS_MODES, create_loss_mode
+    from trainer.loss_modes import BUILTIN_MODES, mode_info, mode_names
+
+    assert set(BUILTIN_MODES) <= set(LOSS_MODES.names()) and mode_names() == LOSS_MODES.names()
+    for name in LOSS_MODES.names():
+        mode = create_loss_mode(name)
+        assert (mode_info(name).differentiable, mode_info(name).uses) == (mode.differentiable, mode.uses)

@@ -12,7 +12,8 @@ over all rows. The full objective is ``λ·CE + (1 − λ)·L_att``.
 
 Each mode is registered (:data:`LOSS_MODES`) with what the trainer needs to know of it: whether
 its value carries a gradient, and which attention settings (threshold, τ) it reads. Adding a mode
-is one decorated function in this file.
+is one decorated function in this file and its properties in :mod:`trainer.loss_modes` (which
+the configuration reads without importing PyTorch).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from ._registry import Registry
+from .loss_modes import BUILTIN_MODES
 
 __all__ = [
     "LOSS_MODES",
@@ -52,13 +54,12 @@ class LossMode:
 LOSS_MODES: Registry[LossMode] = Registry("attention-loss mode")
 
 
-def _mode(
-    name: str, *, differentiable: bool, uses: tuple[str, ...]
-) -> Callable[[PerImageLoss], PerImageLoss]:
-    """Register ``fn`` as loss mode ``name`` with its properties."""
+def _mode(name: str) -> Callable[[PerImageLoss], PerImageLoss]:
+    """Register ``fn`` as loss mode ``name``, with the properties :mod:`trainer.loss_modes` gives it."""
+    info = BUILTIN_MODES[name]
 
     def deco(fn: PerImageLoss) -> PerImageLoss:
-        mode = LossMode(name, fn, differentiable, frozenset(uses))
+        mode = LossMode(name, fn, info.differentiable, info.uses)
         LOSS_MODES.register(name)(lambda: mode)
         return fn
 
@@ -69,20 +70,20 @@ def _area(region: torch.Tensor) -> torch.Tensor:
     return region.sum(dim=(1, 2, 3)).clamp_min(1.0)  # (B,)
 
 
-@_mode("paper", differentiable=False, uses=("threshold",))
+@_mode("paper")
 def _paper(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
     with torch.no_grad():
         hits = ((cam > threshold).float() * region).sum(dim=(1, 2, 3))  # (B,)
         return 1.0 - hits / _area(region)
 
 
-@_mode("soft", differentiable=True, uses=("threshold", "tau"))
+@_mode("soft")
 def _soft(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
     soft_hits = (torch.sigmoid((cam - threshold) / tau) * region).sum(dim=(1, 2, 3))  # (B,)
     return 1.0 - soft_hits / _area(region)
 
 
-@_mode("energy", differentiable=True, uses=())
+@_mode("energy")
 def _energy(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
     inside = (cam * region).sum(dim=(1, 2, 3))  # (B,)
     return 1.0 - inside / cam.sum(dim=(1, 2, 3)).clamp_min(_EPS)

@@ -26,6 +26,7 @@ from pydantic import (
 
 from .dotted import apply_overrides, flatten, format_validation_error, load_yaml_mapping
 from .errors import ConfigError
+from .loss_modes import mode_info
 from .metrics.names import check_metric, higher_is_better, logged_names
 from .presets import apply_preset
 from .priors import DEFAULT_PRIORS, RegionPrior, create_prior
@@ -247,9 +248,7 @@ class AttentionConfig(_Strict):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, v: str) -> str:
-        from .attention_loss import LOSS_MODES
-
-        LOSS_MODES.get(v)
+        mode_info(v)  # raises with the registered names
         return v
 
     @property
@@ -270,7 +269,7 @@ class AttentionConfig(_Strict):
         fixed at 1 (plain cross-entropy; ``cam_score`` and ``priors`` still shape the CAM metrics)."""
         if not self.uses_attention:
             return {"mode", "threshold", "tau", "cam_target", "cam_pass"}
-        return {"threshold", "tau"} - self.loss_mode.uses
+        return {"threshold", "tau"} - mode_info(self.mode).uses
 
     def lambda_at(self, epoch: int) -> float:
         """λ of ``epoch`` (counted from 0)."""
@@ -297,7 +296,7 @@ class TrialConfig(_Strict):
 
     @model_validator(mode="after")
     def _a_step_that_trains(self) -> TrialConfig:
-        if self.attention.uses_attention and not self.attention.loss_mode.differentiable:
+        if self.attention.uses_attention and not mode_info(self.attention.mode).differentiable:
             zero = [e for e in range(self.train.epochs) if self.attention.lambda_at(e) == 0.0]
             if zero:
                 raise ValueError(
