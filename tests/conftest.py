@@ -138,3 +138,22 @@ def quick_segmenter(phantom_dir, tmp_path_factory) -> Path:
         x, y, out, meta=SegmenterMeta(**SMALL_UNET), epochs=1, batch_size=8, device="cpu", augment=False
     )
     return out
+
+
+def bare_callback(client, **attrs):
+    """The callback's state without a sweep: a run per trial id in ``attrs['runs']``."""
+    import threading
+
+    import sweeps.tracking.callback as cb
+    from sweeps.tracking.writer import TrackingWriter
+
+    callback = cb.MlflowSweepCallback.__new__(cb.MlflowSweepCallback)
+    callback.client, callback.tracking_uri = client, "sqlite"
+    callback.runs, callback.described, callback.tagged, callback.interrupted = {}, set(), set(), set()
+    callback.unsure, callback.seeds_seen = set(), set()
+    callback.seed_runs, callback.last_epoch, callback.logged_metrics = {}, {}, 0
+    callback._count, callback._fetching, callback.fetched = threading.Lock(), threading.Lock(), {}
+    for k, v in attrs.items():
+        setattr(callback, k, v)
+    callback.writer = TrackingWriter(callback._run_hook, 1, callback._forget_last_epoch)
+    return callback

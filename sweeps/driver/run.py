@@ -65,6 +65,7 @@ def _execute(
     from .progress import SweepProgress, last_snapshot, watching
 
     exp_id, parent = open_parent_run(uri, spec, space_file, restore)
+    callback = None
     try:
         save_spec(spec, space_file)
         mark_driver(spec, "running")
@@ -73,10 +74,12 @@ def _execute(
             results = build_tuner(spec, [SweepProgress(spec), callback], restore, warm).fit()
         rows = sweep_rows(results, spec)
     except KeyboardInterrupt:  # a second Ctrl-C while Ray was stopping: its last saved state resumes
+        _settle(callback)
         fail_parent_run(uri, parent, "interrupted", interrupted=True)
         mark_driver(spec, "interrupted")
         raise SweepInterrupted(spec, _saved_rows(spec)) from None
     except BaseException as e:
+        _settle(callback)
         _failed(spec, uri, parent, e, keep=restore)
     final = last_snapshot()
     interrupted = final.interrupted if final is not None and final.final else _unfinished(rows)
@@ -98,6 +101,15 @@ def _execute(
     return SweepOutcome(
         spec.name, sweep_dir(spec), uri, spec.experiment, parent, rows, callback.logged_metrics, spec.mode
     )
+
+
+def _settle(callback, grace_s: float = 10.0) -> None:
+    """Let the tracking writer log what it was given (briefly: the store may be what failed) before
+    the runs still open are ended: nothing it writes later may reopen or extend them."""
+    if callback is not None:
+        with contextlib.suppress(Exception):  # the sweep fails with its own error, not this one
+            callback.writer.drain(grace_s, raise_error=False)
+        callback.writer.close()
 
 
 def _failed(spec: SweepSpec, uri: str, parent: str, error: BaseException, *, keep: bool) -> NoReturn:

@@ -11,9 +11,8 @@ exactly one run per trial.
 from __future__ import annotations
 
 import os
-import time
+import threading
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
@@ -32,11 +31,13 @@ from .runs import (
     log_params,
     log_plots,
     log_predictions,
+    log_steps,
     log_text_file,
     redact,
     run_title,
     search_config_tag,
 )
+from .writer import TrackingWriter, writers_for
 
 __all__ = ["FLUSH_GRACE_S", "MlflowSweepCallback", "TrackingUnavailable"]
 
@@ -47,24 +48,14 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store did not come back before the sweep ended: names the trials affected."""
 
 
-def _store_unreachable(e: Exception) -> bool:
-    """Connection-level failures of the tracking store (retry later), not bad requests (raise)."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(e, requests.RequestException | ConnectionError | TimeoutError):
-        return True
-    if isinstance(e, MlflowException):
-        text = str(e)
-        return "API request to" in text or "Max retries" in text or e.get_http_status_code() >= 500
-    return type(e).__name__ == "OperationalError"  # sqlalchemy: the database is gone or locked
-
-
 _EPOCH_PREFIXES = ("train_", "val_")
 _EPOCH_KEYS = ("lambda", "lr", "epoch_time_s", "epoch_train_s", "epoch_val_s")
 
 
 class MlflowSweepCallback(Callback):
+    # called with (trial, results) once a trial's epoch results are in the store (benchmarks time it)
+    after_log = None
+
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: SweepSpec) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -74,11 +65,13 @@ class MlflowSweepCallback(Callback):
         self.runs: dict[str, str] = {}  # Ray trial id → MLflow run id
         self.tagged: set[str] = set()
         self.logged_metrics = 0
+        self._count = threading.Lock()  # writer threads add to logged_metrics
         self.last_epoch: dict[str, int] = {}  # run id → last epoch logged (runs adopted on resume: lazily)
         self.described: set[str] = set()  # trial ids whose run has its params
-        self.pending: list[tuple[str, Any, tuple]] = []  # hooks that met an unreachable store, in order
-        self.unreachable_since: float | None = None
         self.interrupted: set[str] = set()  # trial ids whose run ended KILLED when the sweep was interrupted
+        # trial ids whose hook met an unreachable store before their run was known: a create_run whose
+        # response was lost may have made the run, so the replay looks it up before creating one
+        self.unsure: set[str] = set()
         # fail fast inside a hook (its work is queued and replayed) instead of MLflow's minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -94,6 +87,7 @@ class MlflowSweepCallback(Callback):
         self.seed_runs: dict[tuple[str, int], str] = {}  # (Ray trial id, seed index) → MLflow run id
         self.seeds_seen: set[str] = set()  # seed runs of an earlier driver checked for an interruption
         self.fetched: dict[str, str] = {}  # the last final checkpoint fetched → its local folder
+        self._fetching = threading.Lock()
         if spec.repeats > 1:
             configs = set(self.runs.values())
             for run in self.client.search_runs(
@@ -102,6 +96,8 @@ class MlflowSweepCallback(Callback):
                 tags = run.data.tags
                 if tags.get("mlflow.parentRunId") in configs and "cxr.seed_index" in tags:
                     self.seed_runs[(tags["ray.trial_id"], int(tags["cxr.seed_index"]))] = run.info.run_id
+        # the hooks run on writer threads, off Tune's event loop (sweeps.tracking.writer)
+        self.writer = TrackingWriter(self._run_hook, writers_for(tracking_uri), self._forget_last_epoch)
 
     # Ray pickles the callbacks with the experiment and `Tuner.restore` unpickles them: a restored
     # callback must read which runs exist now, not carry the mapping of when it was pickled.
@@ -122,6 +118,9 @@ class MlflowSweepCallback(Callback):
             if tid in self.described:
                 return self.runs[tid]
             return self._describe(trial, self.runs[tid])  # a replay after a failure mid-way
+        if tid in self.unsure and (found := self._created_before(tid)) is not None:
+            self.runs[tid] = found
+            return self._describe(trial, found)  # params again: the same values, accepted
         cfg = self._trial_config(trial)
         run = self.client.create_run(
             self.experiment_id,
@@ -153,24 +152,37 @@ class MlflowSweepCallback(Callback):
         parent = self._run_id(trial)
         cfg = self._trial_config(trial)
         seed = cfg.train.seed + i
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{run_title(cfg)} seed {seed} [{trial.trial_id}]",
-            tags={
-                "mlflow.parentRunId": parent,
-                "ray.trial_id": trial.trial_id,
-                "cxr.kind": "seed",
-                "cxr.sweep": self.spec.name,
-                "cxr.seed_index": str(i),
-            },
-        )
-        run_id = run.info.run_id
+        run_id = self._created_before(trial.trial_id, parent, i) if trial.trial_id in self.unsure else None
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{run_title(cfg)} seed {seed} [{trial.trial_id}]",
+                tags={
+                    "mlflow.parentRunId": parent,
+                    "ray.trial_id": trial.trial_id,
+                    "cxr.kind": "seed",
+                    "cxr.sweep": self.spec.name,
+                    "cxr.seed_index": str(i),
+                },
+            )
+            run_id = run.info.run_id
+            self.last_epoch[run_id] = -1
+        # (a run made before a lost response gets its params and tags again: the same values, accepted)
         log_params(self.client, run_id, {**cfg.flat_params(), "train.seed": str(seed)})
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in dataset_tags(cfg).items()])
         self.seed_runs[key] = run_id
         self.seeds_seen.add(run_id)
-        self.last_epoch[run_id] = -1
         return run_id
+
+    def _created_before(self, tid: str, parent: str | None = None, seed: int | None = None) -> str | None:
+        """The run of trial ``tid`` (or of its seed ``seed`` under ``parent``) if the store has one."""
+        where = (
+            f"tags.`ray.trial_id` = '{tid}' and tags.mlflow.parentRunId = '{parent or self.parent_run_id}'"
+        )
+        if seed is not None:
+            where += f" and tags.`cxr.seed_index` = '{seed}'"
+        found = self.client.search_runs([self.experiment_id], filter_string=where, max_results=2)
+        return found[0].info.run_id if found else None
 
     def _trial_config(self, trial):
         # output_dir: the trial's folder in storage, where its checkpoints and best model land
@@ -197,118 +209,123 @@ class MlflowSweepCallback(Callback):
     def _log(self, run_id: str, metrics: dict[str, float], step: int, *, stored: bool = False) -> None:
         """Log ``metrics`` unless ``stored`` (a replayed write that had landed before the store went
         away); either way they count in ``logged_metrics``: this sweep's values that are in the store."""
-        if stored:
-            self.logged_metrics += len(finite_metrics(metrics))
-        else:
-            self.logged_metrics += log_metrics(self.client, run_id, metrics, step)
+        n = len(finite_metrics(metrics)) if stored else log_metrics(self.client, run_id, metrics, step)
+        with self._count:
+            self.logged_metrics += n
 
-    # -- Tune hooks -----------------------------------------------------------------------------------
+    # -- Tune hooks: handed to the writer, which runs them in order per trial --------------------------
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._guarded(self._trial_start, trial)
+        self.writer.submit("_trial_start", trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._guarded(self._trial_result, trial, dict(result))
+        self.writer.submit("_trial_result", trial, dict(result))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._guarded(self._trial_complete, trial)
+        self.writer.submit("_trial_complete", trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._guarded(self._trial_error, trial)
+        self.writer.submit("_trial_error", trial)
 
     def on_experiment_end(self, trials, **info) -> None:
-        """Last chance for queued updates: retry for up to ``FLUSH_GRACE_S``, then say what is missing."""
-        deadline = time.monotonic() + FLUSH_GRACE_S
-        while self.pending and time.monotonic() < deadline:
-            time.sleep(2.0)
-            self._flush()
-        if self.pending:
-            names = sorted({str(trial) for _, trial, _ in self.pending})
+        """Every update logged; a lost store gets up to ``FLUSH_GRACE_S``, then says what is missing."""
+        try:
+            self.drain(FLUSH_GRACE_S)
+        finally:
+            self.writer.close()
+
+    def drain(self, grace_s: float = 0.0) -> None:
+        """Wait for the writer: every hook run, the queued ones retried up to ``grace_s`` (the driver
+        calls it on an interruption or failure too, before it ends the runs still open)."""
+        left = self.writer.drain(grace_s)
+        if left:
+            names = sorted({str(trial) for _, trial, _ in left})
             raise TrackingUnavailable(
                 f"the MLflow tracking store {self.tracking_uri} stayed unreachable: "
-                f"{len(self.pending)} update(s) of {len(names)} trial(s) were not logged: "
+                f"{len(left)} update(s) of {len(names)} trial(s) were not logged: "
                 f"{', '.join(names)}. The trials themselves finished; their checkpoints and results "
                 "are in the sweep's storage folder."
             )
 
-    # -- an unreachable store: queue, replay in order once it answers ---------------------------------
-    def _guarded(self, hook, trial, *args) -> None:
-        self._flush()
-        if self.pending:  # still down: keep the order
-            self.pending.append((hook.__name__, trial, args))
-            return
-        try:
-            hook(trial, *args)
-        except Exception as e:
-            if not _store_unreachable(e):
-                raise
-            self._queue(hook.__name__, trial, args, e)
-
-    def _queue(self, name: str, trial, args: tuple, error: Exception) -> None:
-        if self.unreachable_since is None:
-            self.unreachable_since = time.monotonic()
-            print(f"MLflow tracking store unreachable ({type(error).__name__}): trials go on, updates queue")
-        self._forget_last_epoch(trial)
-        self.pending.append((name, trial, args))
+    def _run_hook(self, name: str, trial, args: tuple) -> None:
+        getattr(self, name)(trial, *args)
 
     def _forget_last_epoch(self, trial) -> None:
         """A request that failed on the way back may have been stored: the replay re-reads the run's
         last logged epoch from the store instead of trusting this cache (no epoch logged twice)."""
-        run_id = self.runs.get(getattr(trial, "trial_id", None))
+        tid = getattr(trial, "trial_id", None)
+        run_id = self.runs.get(tid)
         if run_id is not None:
             self.last_epoch.pop(run_id, None)
-
-    def _flush(self) -> None:
-        while self.pending:
-            name, trial, args = self.pending[0]
-            try:
-                getattr(self, name)(trial, *args)
-            except Exception as e:
-                if not _store_unreachable(e):
-                    raise
-                self._forget_last_epoch(trial)
-                return
-            self.pending.pop(0)
-        if self.unreachable_since is not None:
-            down = time.monotonic() - self.unreachable_since
-            print(f"MLflow tracking store back after {down:.0f} s: queued updates logged")
-            self.unreachable_since = None
+        if tid is not None:
+            self.unsure.add(tid)
+        for (tid, _), seed_run in list(self.seed_runs.items()):
+            if tid == getattr(trial, "trial_id", None):
+                self.last_epoch.pop(seed_run, None)
 
     # -- the hooks' work --------------------------------------------------------------------------------
     def _trial_start(self, trial) -> None:
         self._run_id(trial)
 
     def _trial_result(self, trial, result: dict) -> None:
-        run_id = self._run_id(trial)
-        if result.get(FINAL_KEY):
-            return  # the summary is logged at completion (tags came with the first epoch)
-        tid = trial.trial_id
-        if tid not in self.tagged and result.get("node_id"):
-            self.client.log_batch(
-                run_id,
-                tags=[
-                    RunTag("ray.gpu_ids", result.get("gpu_ids", "")),
-                    RunTag("ray.node_id", result["node_id"]),
-                ],
-            )
-            self.tagged.add(tid)
-        epoch = int(result.get("epoch", result.get("epochs_done", 1) - 1))
-        # seeds first: a configuration run that holds epoch e says its seeds' runs do too
-        for i, seed_result in enumerate(result.get("seeds") or []):
-            if int(seed_result.get("epoch", epoch)) == epoch:  # a seed that stopped early logs no more
-                self._log_epoch(self._seed_run(trial, i), seed_result, epoch)
-        self._log_epoch(run_id, result, epoch)
+        self._trial_results(trial, [result])
 
-    def _log_epoch(self, run_id: str, result: dict, epoch: int) -> None:
-        metrics = {
-            k: v
-            for k, v in result.items()
-            if (k.startswith(_EPOCH_PREFIXES) or k in _EPOCH_KEYS) and isinstance(v, int | float)
-        }
-        # after a driver crash Ray may re-run logged epochs; a replay may find its epoch stored
-        self._log(run_id, metrics, epoch, stored=epoch <= self._last_epoch(run_id))
-        self.last_epoch[run_id] = max(epoch, self._last_epoch(run_id))
-        if result.get("train_cam_zero_fraction") == 1.0:
-            self.client.set_tag(run_id, CAM_ZERO_TAG, f"epoch {epoch}: every training CAM was all zero")
+    def _trial_results(self, trial, results: list[dict]) -> None:
+        """Epoch results of one trial (several when the writer coalesced them), each run's in one
+        request: the seeds' runs first, so a configuration run that holds epoch e says its seeds'
+        runs do too. Final reports are logged at completion (tags came with the first epoch)."""
+        run_id = self._run_id(trial)
+        tid = trial.trial_id
+        seed_rows: dict[str, list[tuple[dict, int]]] = {}
+        rows: list[tuple[dict, int]] = []
+        for result in results:
+            if result.get(FINAL_KEY):
+                continue
+            if tid not in self.tagged and result.get("node_id"):
+                self.client.log_batch(
+                    run_id,
+                    tags=[
+                        RunTag("ray.gpu_ids", result.get("gpu_ids", "")),
+                        RunTag("ray.node_id", result["node_id"]),
+                    ],
+                )
+                self.tagged.add(tid)
+            epoch = int(result.get("epoch", result.get("epochs_done", 1) - 1))
+            for i, seed_result in enumerate(result.get("seeds") or []):
+                if int(seed_result.get("epoch", epoch)) == epoch:  # a seed that stopped early logs no more
+                    seed_rows.setdefault(self._seed_run(trial, i), []).append((seed_result, epoch))
+            rows.append((result, epoch))
+        for seed_run, its_rows in seed_rows.items():
+            self._log_epochs(seed_run, its_rows)
+        if rows:
+            self._log_epochs(run_id, rows)
+            if self.after_log is not None:
+                self.after_log(trial, [r for r, _ in rows])
+
+    def _log_epochs(self, run_id: str, rows: list[tuple[dict, int]]) -> None:
+        """Per-epoch metrics of ``rows`` in one request. After a driver crash Ray may re-run logged
+        epochs, and a replay may find its epochs stored: an epoch at or before the last one stored
+        is counted, not logged again."""
+        last = self._last_epoch(run_id)
+        fresh: list[tuple[dict, int]] = []
+        stored = 0
+        for result, epoch in rows:
+            metrics = {
+                k: v
+                for k, v in result.items()
+                if (k.startswith(_EPOCH_PREFIXES) or k in _EPOCH_KEYS) and isinstance(v, int | float)
+            }
+            if epoch <= last:
+                stored += len(finite_metrics(metrics))
+            else:
+                fresh.append((metrics, epoch))
+                last = epoch
+        n = stored + log_steps(self.client, run_id, fresh)
+        with self._count:
+            self.logged_metrics += n
+        self.last_epoch[run_id] = last
+        for result, epoch in rows:
+            if result.get("train_cam_zero_fraction") == 1.0:
+                self.client.set_tag(run_id, CAM_ZERO_TAG, f"epoch {epoch}: every training CAM was all zero")
 
     def _trial_complete(self, trial) -> None:
         run_id = self._run_id(trial)
@@ -388,9 +405,10 @@ class MlflowSweepCallback(Callback):
 
     def _local_checkpoint(self, ckpt) -> str:
         """A local copy of ``ckpt`` (its own folder on local storage), fetched once per checkpoint."""
-        if ckpt.path not in self.fetched:
-            self.fetched = {ckpt.path: ckpt.to_directory()}
-        return self.fetched[ckpt.path]
+        with self._fetching:  # writer threads: one fetch at a time, one kept
+            if ckpt.path not in self.fetched:
+                self.fetched = {ckpt.path: ckpt.to_directory()}
+            return self.fetched[ckpt.path]
 
 
 def _checkpoint_file(ckpt, name: str) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "log_params",
     "log_plots",
     "log_predictions",
+    "log_steps",
     "log_text_file",
     "redact",
     "run_title",
@@ -114,11 +115,33 @@ def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> int:
     """Log the finite numeric entries of ``metrics`` at ``step``; return how many were logged."""
+    return log_steps(client, run_id, [(metrics, step)])
+
+
+_MAX_METRICS = 1000  # MLflow's limit per log_batch
+
+
+def log_steps(client: MlflowClient, run_id: str, rows: list[tuple[dict[str, Any], int]]) -> int:
+    """Log several steps' metrics (``(metrics, step)`` rows, in order) in as few requests as MLflow
+    allows; return how many values were logged. A request holds whole steps only (one step's values
+    are more than one request only past MLflow's limit), so a step whose first value is in the store
+    is there entirely: what a replay after a lost response relies on."""
     now = int(time.time() * 1000)
-    items = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
-    for i in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[i : i + 1000])
-    return len(items)
+    batch: list[Metric] = []
+    count = 0
+    for metrics, step in rows:
+        items = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
+        count += len(items)
+        if batch and len(batch) + len(items) > _MAX_METRICS:
+            client.log_batch(run_id, metrics=batch)
+            batch = []
+        batch += items
+        while len(batch) > _MAX_METRICS:
+            client.log_batch(run_id, metrics=batch[:_MAX_METRICS])
+            batch = batch[_MAX_METRICS:]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+    return count
 
 
 def log_predictions(client: MlflowClient, run_id: str, path: str | Path) -> None:

@@ -29,9 +29,9 @@ pytestmark = pytest.mark.slow
 # the tracking callback's per-epoch hook raises: a bug (not an unreachable store) after trials started
 _BROKEN_CALLBACK = """
 from sweeps.tracking.callback import MlflowSweepCallback
-def broken(self, trial, result):
+def broken(self, trial, results):
     raise RuntimeError("injected: the callback broke")
-MlflowSweepCallback._trial_result = broken
+MlflowSweepCallback._trial_results = broken
 from sweeps.cli import app
 app()
 """

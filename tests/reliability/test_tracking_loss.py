@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import epochs_logged, sweep_overrides
+from sweeps.tracking.writer import RETRY_S
+from tests.conftest import bare_callback, epochs_logged, sweep_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -136,13 +137,20 @@ def test_tracking_server_lost_mid_sweep_every_metric_arrives_when_it_is_back(ne_
 
 def test_a_store_that_never_comes_back_is_reported_per_trial(monkeypatch):
     """The end-of-sweep report names the trials whose updates could not be logged."""
+    import requests
+
     import sweeps.tracking.callback as cb
 
     monkeypatch.setattr(cb, "FLUSH_GRACE_S", 0.0)
-    callback = cb.MlflowSweepCallback.__new__(cb.MlflowSweepCallback)
+    callback = bare_callback(None)
     callback.tracking_uri = "http://127.0.0.1:9"
-    callback.pending = [("_trial_result", "trial_a", ({},)), ("_trial_complete", "trial_b", ())]
-    callback.unreachable_since = time.monotonic()
+
+    def store_down(name, trial, args):
+        raise requests.ConnectionError("connection refused")
+
+    callback.writer.run = store_down
+    callback.on_trial_result(0, [], "trial_a", {})
+    callback.on_trial_complete(0, [], "trial_b")
     with pytest.raises(
         cb.TrackingUnavailable, match=r"2 update\(s\) of 2 trial\(s\) were not logged: trial_a, trial_b"
     ):
@@ -157,17 +165,11 @@ def test_a_request_stored_before_its_response_was_lost_is_not_logged_twice(tmp_p
     import requests
     from mlflow.tracking import MlflowClient
 
-    import sweeps.tracking.callback as cb
-
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("lost-response")
     run_id = client.create_run(exp).info.run_id
-    callback = cb.MlflowSweepCallback.__new__(cb.MlflowSweepCallback)
-    callback.client, callback.tracking_uri = client, "sqlite"
-    callback.spec = SimpleNamespace(metric="val_f1_macro", mode="max", name="lost-response")
-    callback.runs, callback.described, callback.tagged = {"t1": run_id}, {"t1"}, {"t1"}
-    callback.last_epoch, callback.best, callback.logged_metrics = {run_id: -1}, {}, 0
-    callback.pending, callback.unreachable_since, callback.interrupted = [], None, set()
+    callback = bare_callback(client, runs={"t1": run_id}, described={"t1"}, tagged={"t1"})
+    callback.last_epoch = {run_id: -1}
     trial = SimpleNamespace(trial_id="t1")
     real = client.log_batch
 
@@ -177,10 +179,10 @@ def test_a_request_stored_before_its_response_was_lost_is_not_logged_twice(tmp_p
 
     client.log_batch = stored_then_lost
     callback.on_trial_result(0, [], trial, {"epoch": 0, "train_loss": 1.0, "val_f1_macro": 0.5})
-    assert len(callback.pending) == 1  # queued: the callback cannot know the write landed
+    assert len(callback.writer.drain(0)) == 1  # queued: the callback cannot know the write landed
     client.log_batch = real
     callback.on_trial_result(1, [], trial, {"epoch": 1, "train_loss": 0.5, "val_f1_macro": 0.6})
-    assert callback.pending == []
+    assert callback.writer.drain(0) == []
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
     assert steps == [0, 1]
     assert callback.logged_metrics == 4  # epoch 0's two values count once: they are in the store
@@ -199,11 +201,7 @@ def test_a_summary_stored_before_its_response_was_lost_is_not_logged_twice(tmp_p
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("lost-summary")
     run_id = client.create_run(exp).info.run_id
-    callback = cb.MlflowSweepCallback.__new__(cb.MlflowSweepCallback)
-    callback.client, callback.tracking_uri = client, "sqlite"
-    callback.runs, callback.described, callback.interrupted = {"t1": run_id}, {"t1"}, set()
-    callback.logged_metrics, callback.pending, callback.unreachable_since = 0, [], None
-    callback.last_epoch = {}
+    callback = bare_callback(client, runs={"t1": run_id}, described={"t1"})
     last = {
         cb.FINAL_KEY: True,
         "best_epoch": 2,
@@ -220,11 +218,67 @@ def test_a_summary_stored_before_its_response_was_lost_is_not_logged_twice(tmp_p
 
     client.log_batch = stored_then_lost
     callback.on_trial_complete(0, [], trial)
-    assert len(callback.pending) == 1 and callback.logged_metrics == 0
+    assert len(callback.writer.drain(0)) == 1 and callback.logged_metrics == 0
     client.log_batch = real
-    callback._flush()  # the store answers again: the queued completion is replayed
-    assert callback.pending == []
+    # the store answers again: the writer retries the queued completion within RETRY_S
+    assert callback.writer.drain(10 * RETRY_S) == []
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     stored = sum(len(client.get_metric_history(run_id, k)) for k in run.data.metrics)
     assert stored == 4 and callback.logged_metrics == 4  # each value once, and counted once
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_a_run_created_before_its_response_was_lost_is_not_created_twice(tmp_path, repeats):
+    """create_run landed but its response was lost (the race of a store going away mid-request): the
+    replay finds the run by its trial id instead of making a second one (seed runs alike)."""
+    from types import SimpleNamespace
+
+    import requests
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.space import load_sweep
+    from sweeps.tracking.callback import MlflowSweepCallback
+
+    root = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((root / "search_spaces/demo.yaml").read_text())
+    raw["trial"]["data"]["cache"] = str(tmp_path / "cache")  # not read: no trial runs
+    raw |= {"storage_path": str(tmp_path), "repeats": repeats}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+    spec, _ = load_sweep(tmp_path / "space.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("lost-create")
+    parent = client.create_run(exp).info.run_id
+    callback = MlflowSweepCallback(uri, exp, parent, spec)
+    real = callback.client.create_run
+    lost = {"n": 0}
+
+    def created_then_lost(*args, **kwargs):
+        run = real(*args, **kwargs)
+        if lost["n"] < repeats:  # the trial's run, then (repeats) its first seed's
+            lost["n"] += 1
+            raise requests.ConnectionError("connection reset by peer")
+        return run
+
+    callback.client.create_run = created_then_lost
+
+    class Trial(SimpleNamespace):
+        def __str__(self) -> str:
+            return "t1"
+
+    trial = Trial(trial_id="t1", config={"train.lr": 0.002}, path=str(tmp_path), local_path=None)
+    seeds = [{"epoch": 0, "train_loss": 1.0}] * repeats if repeats > 1 else None
+    result = {"epoch": 0, "train_loss": 1.0, "val_f1_macro": 0.5, **({"seeds": seeds} if seeds else {})}
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, result)
+    assert callback.writer.drain(6 * RETRY_S) == []  # every lost create replayed
+    runs = client.search_runs([exp], "tags.`ray.trial_id` = 't1'")
+    kinds = sorted(r.data.tags["cxr.kind"] for r in runs)
+    assert kinds == (["seed", "seed", "trial"] if repeats > 1 else ["trial"])  # one run each, not two
+    (config_run,) = [r for r in runs if r.data.tags["cxr.kind"] == "trial"]
+    assert config_run.data.params["train.lr"] == "0.002"  # described once it was found
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
+        assert steps == [0], (r.data.tags["cxr.kind"], steps)
