@@ -120,3 +120,20 @@ def test_repeats_overhead_smoke(tmp_path):
     for level in ("trainer", "sweep"):
         (pair,) = report["pairs"][level]
         assert pair["repeats_s"] > 0 and pair["ratio"] == pair["repeats_s"] / pair["singles_s"]
+
+
+@pytest.mark.slow
+def test_driver_scale_smoke(tmp_path):
+    import driver_scale
+
+    out = tmp_path / "ds.json"
+    assert driver_scale.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["scenarios"]
+    assert {(r["mode"], r["writers"]) for r in rows} == {
+        (m, w) for m in ("replay", "ray") for w in ("0", "default")
+    }
+    for r in rows:  # 4 trials × (3 epochs + final): every value logged is stored, once
+        assert r["results"] == 16 and r["lost_epochs"] == 0 and r["duplicated_epochs"] == 0
+        assert r["metric_values_logged"] == r["metric_values_stored"] > 0
+        assert r["latency_p99_s"] >= r["latency_p50_s"] > 0 and r["best_s"] > 0
+    assert all(r["status_s"] > 0 for r in rows if r["mode"] == "ray")
