@@ -206,8 +206,12 @@ def find_runs(
         exp_name = client.get_experiment(exp_id).name
         try:
             found = client.search_runs([exp_id], filter_string=base + extra, max_results=50000)
-        except Exception as e:  # MLflow rejects a malformed filter with its own message
-            raise SelectionError(f"--filter {filter_string!r}: {e}") from None
+        except Exception as e:
+            from .writer import store_unreachable
+
+            if filter_string and not store_unreachable(e):  # MLflow rejects a bad filter with its reason
+                raise SelectionError(f"--filter {filter_string!r}: {e}") from None
+            raise SelectionError(f"{label}: searching its runs in {uri} failed: {e}") from None
         these = [row_from_run(r, exp_name) for r in found if r.data.tags.get("cxr.kind", "trial") == "trial"]
         keep = [r for r in these if _finished(r) or (include_stopped and r.status == "FINISHED")]
         if not keep:
