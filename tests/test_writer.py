@@ -160,3 +160,31 @@ def test_the_callback_logs_coalesced_epochs_in_one_request(tmp_path):
     assert len(requests_made) <= 2  # the first epoch alone (the worker was waiting), then the rest
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
     assert steps == [0, 1, 2, 3, 4] and callback.logged_metrics == 10
+
+
+def test_tunes_state_save_waits_for_the_writer(tmp_path):
+    """Tune saves the experiment state (a resumed sweep restores it) after asking the callbacks for
+    theirs: the callback lets the writer catch up first, so that state is never ahead of MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import bare_callback
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("state")).info.run_id
+    callback = bare_callback(client, runs={"t1": run_id}, described={"t1"}, tagged={"t1"})
+    callback.last_epoch = {run_id: -1}
+    real, gate = client.log_batch, threading.Event()
+
+    def slow(*args, **kwargs):
+        gate.wait(10)
+        return real(*args, **kwargs)
+
+    client.log_batch = slow
+    callback.on_trial_result(0, [], _t("t1"), {"epoch": 0, "train_loss": 1.0})
+    saved = threading.Event()
+    saver = threading.Thread(target=lambda: (callback.get_state(), saved.set()))
+    saver.start()
+    assert not saved.wait(0.5)  # the epoch is not in MLflow yet: the state save waits
+    gate.set()
+    assert saved.wait(10)
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [0]

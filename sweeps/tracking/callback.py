@@ -233,6 +233,13 @@ class MlflowSweepCallback(Callback):
         finally:
             self.writer.close()
 
+    def get_state(self) -> None:
+        """Tune calls this while it saves the experiment state, before that state goes to storage:
+        the writer catches up first, so the state a resumed sweep restores is never ahead of what
+        MLflow holds (a trial Ray saved as finished has its finished run; an epoch it saved, its
+        metrics). Queued updates of an unreachable store do not hold it up; nothing to save."""
+        self.writer.drain(0.0)
+
     def drain(self, grace_s: float = 0.0) -> None:
         """Wait for the writer: every hook run, the queued ones retried up to ``grace_s`` (the driver
         calls it on an interruption or failure too, before it ends the runs still open)."""
