@@ -258,7 +258,8 @@ class MlflowSweepCallback(Callback):
 
     def _forget_last_epoch(self, trial) -> None:
         """A request that failed on the way back may have been stored: the replay re-reads the run's
-        last logged epoch from the store instead of trusting this cache (no epoch logged twice)."""
+        last logged epoch from the store instead of trusting this cache (no epoch logged twice), and
+        looks a run up before creating it (a create_run may have landed: :attr:`unsure`)."""
         tid = getattr(trial, "trial_id", None)
         run_id = self.runs.get(tid)
         if run_id is not None:
