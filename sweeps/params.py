@@ -197,6 +197,8 @@ class Grid(Choice):
 
 
 _KIND = "kind"  # which branch a λ draw took: `fixed` or a schedule name
+# random/grid search: the plain value each trial's function-drawn parameters (λ) come from
+DRAW_SEED_KEY = "cxr.draw_seed"
 _ABSENT = object()
 
 
@@ -260,10 +262,10 @@ class LambdaParam(_Param):
             for n, r in self.schedules[kind].items()
         }
 
-    def to_ray(self) -> Any:
+    def to_ray(self, key: str = "attention.lambda") -> Any:
         from ray import tune
 
-        return tune.sample_from(lambda _: self._sample(random))
+        return tune.sample_from(SeededDraw(self, key))
 
     def _sample(self, rng) -> dict[str, Any]:
         kind = rng.choice(self.kinds)
@@ -335,3 +337,23 @@ class LambdaParam(_Param):
 
 
 Param = Annotated[Uniform | LogUniform | IntRange | Choice | Grid | LambdaParam, Field(discriminator="type")]
+
+
+class SeededDraw:
+    """λ's draw in Ray's random/grid search, a function of the trial's own seed (``DRAW_SEED_KEY``,
+    a plain value Ray keeps with the trial). Ray draws a function-valued parameter again whenever it
+    re-adds a trial, a restored one included (``_FunctionResolver``: "their random states are not
+    restored"): a draw from the global RNG gave a resumed trial another λ than the one it trained
+    and was logged with. Without a seed (``spec`` None) it draws from the global RNG."""
+
+    def __init__(self, param: LambdaParam, key: str) -> None:
+        self.param, self.key = param, key
+
+    def __call__(self, spec: Any) -> dict[str, Any]:
+        from ray.tune.search.sample import Domain
+        from ray.tune.search.variant_generator import RecursiveDependencyError
+
+        seed = dict.get(spec, DRAW_SEED_KEY) if isinstance(spec, dict) else None
+        if isinstance(seed, Domain):  # not drawn yet: Ray resolves the seed, then calls again
+            raise RecursiveDependencyError(f"{self.key} depends on {DRAW_SEED_KEY}")
+        return self.param._sample(random if seed is None else random.Random(f"{seed}:{self.key}"))

@@ -27,7 +27,7 @@ from trainer.errors import ConfigError, UserError
 from trainer.metrics.names import check_metric, higher_is_better, logged_names
 
 from .checks import apply_sweep_overrides, one_selection_metric, settings_used_by_the_modes, validate_trial
-from .params import Param
+from .params import DRAW_SEED_KEY, LambdaParam, Param
 from .sections import MlflowConfig, Resources, SchedulerConfig, SearchConfig, Strict
 
 __all__ = [
@@ -360,8 +360,17 @@ def trial_config_for(spec: SweepSpec, config: dict[str, Any], name: str, output_
 
 # ---- Ray / Optuna spaces ------------------------------------------------------------------------
 def ray_param_space(spec: SweepSpec) -> dict[str, Any]:
-    """Param space for Ray's random/grid search (``BasicVariantGenerator``); keys are dotted."""
-    return {key: p.to_ray() for key, p in spec.params.items()}
+    """Param space for Ray's random/grid search (``BasicVariantGenerator``); keys are dotted. λ's
+    draw is a function of a per-trial seed (:class:`~sweeps.params.SeededDraw`): a restored trial
+    gets the same λ back."""
+    from ray import tune
+
+    space = {
+        key: p.to_ray(key) if isinstance(p, LambdaParam) else p.to_ray() for key, p in spec.params.items()
+    }
+    if any(isinstance(p, LambdaParam) for p in spec.params.values()):
+        space[DRAW_SEED_KEY] = tune.randint(0, 2**31 - 1)
+    return space
 
 
 def optuna_space(spec: SweepSpec) -> OptunaSpace:

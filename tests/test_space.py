@@ -182,6 +182,30 @@ def test_lambda_draws_of_every_searcher_become_the_same_overrides():
     )
 
 
+def test_a_restored_trial_draws_the_same_lambda_again():
+    """Ray re-resolves a function-valued parameter whenever it re-adds a trial (a resume does):
+    λ comes from the trial's own stored seed, so the restored trial trains the λ it was logged with."""
+    import copy
+
+    from ray.tune.impl.placeholder import create_resolvers_map, inject_placeholders, resolve_placeholders
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec, _ = load_sweep(ROOT / "search_spaces/demo.yaml")
+    resolvers = create_resolvers_map()
+    space = inject_placeholders(ray_param_space(spec), resolvers)  # as tune.run does
+    draws = []
+    for i in range(12):  # the variant generator draws the plain values; λ stays a placeholder
+        [(_, unresolved)] = list(generate_variants(copy.deepcopy(space), random_state=i))
+        again = []
+        for _ in range(3):  # the first run, then two resumes
+            config = copy.deepcopy(unresolved)
+            resolve_placeholders(config, resolvers)
+            again.append(config["attention.lambda"])
+        assert again[0] == again[1] == again[2]
+        draws.append(again[0])
+    assert len({repr(d) for d in draws}) == len(draws) == 12  # and the trials still differ
+
+
 def test_unreachable_tracking_server_and_ray_address_fail_fast():
     with pytest.raises(ConfigError, match="tracking server http://127.0.0.1:9 is unreachable"):
         check_tracking("http://127.0.0.1:9")
