@@ -157,3 +157,16 @@ def bare_callback(client, **attrs):
         setattr(callback, k, v)
     callback.writer = TrackingWriter(callback._run_hook, 1, callback._forget_last_epoch)
     return callback
+
+
+def assert_one_run_per_trial_and_no_duplicate_epochs(storage: Path, n_trials: int) -> None:
+    """The sweep `demo` in ``storage`` (sqlite MLflow there): one parent, one run per trial, none
+    left RUNNING, no epoch logged twice."""
+    client, parents, children = sweep_runs(f"sqlite:///{storage / 'mlflow.db'}", "demo")
+    assert len(parents) == 1
+    tids = [r.data.tags["ray.trial_id"] for r in children]
+    assert len(children) == n_trials == len(set(tids))  # one run per trial, no duplicates
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in children)  # none left RUNNING
+    for r in children:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
+        assert len(steps) == len(set(steps)), f"epoch logged twice in {r.info.run_name}: {sorted(steps)}"

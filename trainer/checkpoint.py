@@ -73,8 +73,12 @@ def model_payload(
 def atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no half-written file left beside the previous one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _identity(cfg: TrialConfig) -> dict[str, Any]:

@@ -241,8 +241,12 @@ def _save(path: Path, model: torch.nn.Module, meta: SegmenterMeta) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     meta_d = asdict(meta)
     meta_d["decoder_channels"] = list(meta.decoder_channels)
-    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta_d, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, "meta": meta_d, "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no half-written file left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---- training -----------------------------------------------------------------------------------

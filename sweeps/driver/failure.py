@@ -9,6 +9,7 @@ MLflow run RUNNING (:mod:`sweeps.tracking.parent`).
 
 from __future__ import annotations
 
+import errno
 import tempfile
 import traceback
 from pathlib import Path
@@ -18,7 +19,9 @@ from trainer.errors import UserError
 
 from ..space import SweepSpec
 
-__all__ = ["SweepFailed", "SweepInterrupted", "one_line", "root_cause", "write_traceback"]
+__all__ = ["SweepFailed", "SweepInterrupted", "is_storage_full", "one_line", "root_cause", "write_traceback"]
+
+_FULL_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded")
 
 
 class SweepFailed(UserError):
@@ -42,6 +45,23 @@ class SweepInterrupted(Exception):
         self.mode = spec.mode
         self.resume = f"cxr-sweep sweep resume {spec.name} --storage {spec.storage_path}"
         super().__init__(f"sweep {spec.name!r} interrupted; continue it with `{self.resume}`")
+
+
+def is_storage_full(error: BaseException | None) -> bool:
+    """Whether ``error`` or anything in its chain of causes is a full filesystem."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e).lower() for t in _FULL_TEXT):
+            return True
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return False
 
 
 def root_cause(error: BaseException) -> BaseException:

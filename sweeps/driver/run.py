@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from trainer.errors import ConfigError
 
 from ..space import SweepSpec, load_saved_spec, load_sweep, save_spec, sweep_dir
-from .failure import SweepFailed, SweepInterrupted, one_line, root_cause, write_traceback
+from .failure import SweepFailed, SweepInterrupted, is_storage_full, one_line, root_cause, write_traceback
 from .preflight import check_shared_storage, check_sweep
 from .status import driver_alive, mark_driver, sweep_rows
 from .tuner import build_tuner, init_ray
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .progress import Snapshot
 
 __all__ = ["SweepOutcome", "resume_sweep", "run_sweep"]
+
+OUT_OF_SPACE_GRACE_S = 5.0  # how long a full storage's tracking writes are retried before the stop
 
 
 @dataclass
@@ -66,21 +68,28 @@ def _execute(
 
     exp_id, parent = open_parent_run(uri, spec, space_file, restore)
     callback = None
+    guard = _storage_guard(spec, lambda: callback)
     try:
         save_spec(spec, space_file)
         mark_driver(spec, "running")
         callback = MlflowSweepCallback(uri, exp_id, parent, spec)
         with watching(watch):
-            results = build_tuner(spec, [SweepProgress(spec), callback], restore, warm).fit()
+            results = build_tuner(spec, [guard, SweepProgress(spec), callback], restore, warm).fit()
         rows = sweep_rows(results, spec)
     except KeyboardInterrupt:  # a second Ctrl-C while Ray was stopping: its last saved state resumes
         _settle(callback)
+        if guard.full is not None:
+            _out_of_space(spec, uri, parent, guard.full)
         fail_parent_run(uri, parent, "interrupted", interrupted=True)
         mark_driver(spec, "interrupted")
         raise SweepInterrupted(spec, _saved_rows(spec)) from None
     except BaseException as e:
         _settle(callback)
+        if guard.full is not None or is_storage_full(e):
+            _out_of_space(spec, uri, parent, guard.full or f"storage_path {spec.storage_path}: {one_line(e)}")
         _failed(spec, uri, parent, e, keep=restore)
+    if guard.full is not None:
+        _out_of_space(spec, uri, parent, guard.full)
     final = last_snapshot()
     interrupted = final.interrupted if final is not None and final.final else _unfinished(rows)
     if interrupted:
@@ -101,6 +110,43 @@ def _execute(
     return SweepOutcome(
         spec.name, sweep_dir(spec), uri, spec.experiment, parent, rows, callback.logged_metrics, spec.mode
     )
+
+
+def _storage_guard(spec: SweepSpec, callback: Callable[[], Any]):
+    """The driver's :class:`~sweeps.driver.storage_guard.StorageGuard` (local storage; remote
+    storage is not measured, but a trial failing for want of space there still stops the sweep).
+    Once the storage is full, the tracking callback waits only briefly for a store that may be on
+    it (``callback()``: the callback, made after the guard)."""
+    from .storage_guard import StorageGuard
+
+    def shorten_wait() -> None:
+        if (cb := callback()) is not None:
+            cb.end_grace_s = min(cb.end_grace_s, OUT_OF_SPACE_GRACE_S)
+
+    if spec.remote_storage:
+        guard = StorageGuard(spec.storage_path, on_full=shorten_wait)
+        guard.free_bytes = lambda: None  # type: ignore[method-assign]
+        return guard
+    return StorageGuard(spec.storage_path, folder=sweep_dir(spec), on_full=shorten_wait)
+
+
+def _out_of_space(spec: SweepSpec, uri: str, parent: str, reason: str) -> NoReturn:
+    """The storage filled up: the sweep stopped, and stays resumable (nothing of it is deleted).
+    The runs are ended if the store still takes writes (if it is on the full disk, the resume
+    ends them)."""
+    from ..tracking.parent import fail_parent_run
+
+    with contextlib.suppress(Exception):
+        fail_parent_run(uri, parent, reason, interrupted=True)
+    with contextlib.suppress(OSError):
+        mark_driver(spec, "interrupted")
+    resume = f"cxr-sweep sweep resume {spec.name} --storage {spec.storage_path}"
+    raise SweepFailed(
+        spec,
+        f"sweep {spec.name!r} stopped: {reason}. Its trials and checkpoints are kept: free space, "
+        f"then continue it with `{resume}`",
+        _saved_rows(spec),
+    ) from None
 
 
 def _settle(callback, grace_s: float = 10.0) -> None:
@@ -193,4 +239,9 @@ def resume_sweep(
         raise ConfigError(f"{sweep_dir(spec)}: no Ray experiment state to resume")
     if driver_alive(spec):
         raise ConfigError(f"sweep {spec.name!r} is running now (its driver is alive): wait, or stop it first")
+    if not spec.remote_storage:
+        from .storage_guard import repair_state
+
+        for name in repair_state(Path(sweep_dir(spec))):
+            print(f"{name} was cut short (its disk filled while Ray wrote it): restored its last whole copy")
     return _execute(spec, space_file=space_file, address=address, restore=True, watch=watch)

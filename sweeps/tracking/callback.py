@@ -10,6 +10,7 @@ exactly one run per trial.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -58,6 +59,7 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: SweepSpec) -> None:
         self.tracking_uri = tracking_uri
+        self.end_grace_s = FLUSH_GRACE_S  # the driver shortens it when the storage filled up
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.spec = spec
@@ -72,6 +74,9 @@ class MlflowSweepCallback(Callback):
         # trial ids whose hook met an unreachable store before their run was known: a create_run whose
         # response was lost may have made the run, so the replay looks it up before creating one
         self.unsure: set[str] = set()
+        # the writer reports a store it cannot write to in one line (and queues the write); MLflow's
+        # own logger would print every failed SQL statement with its traceback (a full disk: dozens)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         # fail fast inside a hook (its work is queued and replayed) instead of MLflow's minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -227,9 +232,10 @@ class MlflowSweepCallback(Callback):
         self.writer.submit("_trial_error", trial)
 
     def on_experiment_end(self, trials, **info) -> None:
-        """Every update logged; a lost store gets up to ``FLUSH_GRACE_S``, then says what is missing."""
+        """Every update logged; a lost store gets up to ``end_grace_s`` (``FLUSH_GRACE_S``), then
+        says what is missing."""
         try:
-            self.drain(FLUSH_GRACE_S)
+            self.drain(self.end_grace_s)
         finally:
             self.writer.close()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sweep_overrides, sweep_runs
+from tests.conftest import assert_one_run_per_trial_and_no_duplicate_epochs, sweep_overrides, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "search_spaces" / "demo.yaml"
@@ -47,17 +47,6 @@ def _sets(cache: Path, storage: Path, **extra: str) -> list[str]:
     base = {"scheduler.type": "fifo", "search.algorithm": "random", "trial.model.backbone": "test_resnet"}
     base["search.points_to_evaluate"] = "[]"
     return sweep_overrides(cache, storage, **{**base, **extra})
-
-
-def _assert_one_run_per_trial_and_no_duplicate_epochs(storage: Path, n_trials: int) -> None:
-    client, parents, children = sweep_runs(f"sqlite:///{storage / 'mlflow.db'}", "demo")
-    assert len(parents) == 1
-    tids = [r.data.tags["ray.trial_id"] for r in children]
-    assert len(children) == n_trials == len(set(tids))  # one run per trial, no duplicates
-    assert all(r.info.status in ("FINISHED", "FAILED") for r in children)  # none left RUNNING
-    for r in children:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
-        assert len(steps) == len(set(steps)), f"epoch logged twice in {r.info.run_name}: {sorted(steps)}"
 
 
 def test_trial_workers_killed_mid_epoch_resume_from_their_checkpoints(ne_cache, tmp_path):
@@ -90,7 +79,7 @@ def test_trial_workers_killed_mid_epoch_resume_from_their_checkpoints(ne_cache, 
     print(f"killed {len(kills)} trial workers; states {[r['state'] for r in outcome.rows]}")
     assert len(kills) >= 5
     assert [r["state"] for r in outcome.rows] == ["DONE"] * 3
-    _assert_one_run_per_trial_and_no_duplicate_epochs(tmp_path, 3)
+    assert_one_run_per_trial_and_no_duplicate_epochs(tmp_path, 3)
     client, _, children = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "demo")
     for r in children:  # every epoch's metrics arrived, and the summaries
         steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss"))
@@ -141,7 +130,7 @@ def test_driver_killed_mid_sweep_is_finished_by_resume(ne_cache, tmp_path):
     )
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     print(f"{before} trial(s) finished before the kill")
-    _assert_one_run_per_trial_and_no_duplicate_epochs(tmp_path, 4)
+    assert_one_run_per_trial_and_no_duplicate_epochs(tmp_path, 4)
     client, _, children = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "demo")
     assert all(r.info.status == "FINISHED" for r in children)
     for r in children:  # finished trials were not run again

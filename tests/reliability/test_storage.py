@@ -1,4 +1,5 @@
-"""Storage faults: a read-only or full storage path, a cache on a read-only filesystem.
+"""Storage faults: a read-only or full storage path, storage filling up mid-sweep, a cache on a
+read-only filesystem.
 
 Real filesystems: small tmpfs mounts (needs root, as in CI; elsewhere these tests skip unless
 ``CI`` is set, where they must run).
@@ -7,8 +8,11 @@ Real filesystems: small tmpfs mounts (needs root, as in CI; elsewhere these test
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,9 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from sweeps.cli import app
-from tests.conftest import sweep_overrides
+from tests.conftest import assert_one_run_per_trial_and_no_duplicate_epochs, sweep_overrides
+from trainer.checkpoint import safe_load
 
 ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-c", "from sweeps.cli import app; app()"]
 runner = CliRunner()
 
 
@@ -68,6 +74,72 @@ def test_full_storage_path_is_refused_before_any_trial(ne_cache, tmp_path):
     assert result.exit_code == 2, result.output
     assert "MiB free; a sweep needs at least 100 MiB" in result.output
     assert left == []  # nothing written: no MLflow store, no Ray state
+
+
+def _fill(fs: Path, leave_mib: int) -> None:
+    """Take all of ``fs``'s free space but ``leave_mib`` (as another job on the disk would)."""
+    st = os.statvfs(fs)
+    size = st.f_bavail * st.f_frsize - leave_mib * 2**20
+    subprocess.run(["fallocate", "-l", str(size), str(fs / "someone-elses-file")], check=True)
+
+
+def _started(output: str) -> dict[str, str]:
+    """trial id → the λ and parameters its 'started' line shows."""
+    return dict(re.findall(r"trial (\w+) started: (.*)", output))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("leave_mib", [0, 12], ids=["all-at-once", "below-reserve"])
+def test_storage_filling_up_mid_sweep_stops_it_and_resume_finishes_it(ne_cache, tmp_path, leave_mib):
+    """The disk fills after the first checkpoint: at once (writes fail, Ray's state is cut short
+    mid-write) or to below the guard's reserve (the sweep stops before a write fails). Either way:
+    one line that names the storage and the resume command, no corrupt checkpoint, and ``sweep
+    resume`` finishes every trial, each with the λ it started with, one MLflow run each."""
+    extra = {"scheduler.type": "fifo", "search.algorithm": "random", "search.points_to_evaluate": "[]"}
+    extra |= {"trial.model.backbone": "test_resnet", "num_samples": "4", "trial.train.epochs": "3"}
+    with tmpfs(tmp_path / "fs", size="160m") as fs:
+        sets = sweep_overrides(ne_cache, fs, **extra)
+        args = [
+            *CLI,
+            "sweep",
+            "run",
+            str(ROOT / "search_spaces/demo.yaml"),
+            *[a for s in sets for a in ("--set", s)],
+        ]
+        log = tmp_path / "run.log"
+        with log.open("w") as out:
+            driver = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 300
+            while not list((fs / "demo").glob("*/checkpoint_*")):
+                assert driver.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in 5 minutes"
+                time.sleep(0.2)
+            _fill(fs, leave_mib)
+            rc = driver.wait(timeout=300)
+        output = log.read_text()
+        last = output.strip().splitlines()[-1]
+        assert rc == 2, output[-3000:]
+        assert last.startswith(f"error: sweep 'demo' stopped: storage_path {fs} is full"), output[-3000:]
+        assert f"`cxr-sweep sweep resume demo --storage {fs}`" in last
+        assert "Traceback" not in output, output[-3000:]
+        checkpoints = sorted((fs / "demo").glob("*/checkpoint_*"))
+        assert checkpoints  # kept for the resume
+        for ckpt in checkpoints:  # none half-written: every file of every checkpoint loads
+            for f in ckpt.rglob("*.pt"):
+                safe_load(f)
+
+        (fs / "someone-elses-file").unlink()
+        resume = subprocess.run(
+            [*CLI, "sweep", "resume", "demo", "--storage", str(fs)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+        assert resume.stdout.count(" DONE ") == 4, resume.stdout[-3000:]
+        before, after = _started(output), _started(resume.stdout)
+        assert before and all(after[t] == shown for t, shown in before.items() if t in after)
+        assert_one_run_per_trial_and_no_duplicate_epochs(fs, 4)
 
 
 def test_cache_on_a_read_only_filesystem_trains(ne_cache, tmp_path):
