@@ -42,6 +42,32 @@ def _runs(sweeps, storage, tracking_uri, experiments, filter_, include_stopped):
     )
 
 
+def _top_runs(sweep, n, metric, storage, tracking_uri, filter_, include_stopped):
+    """The sweep's best ``n`` runs only (a sweep of thousands: MLflow sorts, a page is read)."""
+    from trainer.metrics import higher_is_better
+
+    from ..results.select import metric_key
+    from ..tracking.lookup import find_top_runs
+
+    class Unranked(Exception):
+        pass
+
+    def key(default: str) -> tuple[str, bool]:
+        k = metric_key(metric or default)
+        try:
+            return k, higher_is_better(k)
+        except Exception:  # not a metric name: the full search says what the runs logged instead
+            raise Unranked from None
+
+    try:
+        return find_top_runs(
+            sweep, n, key, storage=storage, tracking_uri=tracking_uri, filter_string=filter_,
+            include_stopped=include_stopped,
+        )  # fmt: skip
+    except Unranked:
+        return _runs([sweep], storage, tracking_uri, None, filter_, include_stopped)
+
+
 # ---- best ---------------------------------------------------------------------------------------------
 def best(
     sweeps: SweepsOpt = None,
@@ -70,7 +96,10 @@ def best(
     if top != "all" and not (top.isdigit() and int(top) >= 1):
         raise fail(f"--top must be a positive number or 'all', got {top!r}")
     with user_errors(*RESULT_ERRORS):
-        found = _runs(sweeps, storage, tracking_uri, experiment, filter_, include_stopped)
+        if not pareto and top != "all" and len(sweeps or []) == 1 and not experiment:
+            found = _top_runs(sweeps[0], int(top), metric, storage, tracking_uri, filter_, include_stopped)
+        else:
+            found = _runs(sweeps, storage, tracking_uri, experiment, filter_, include_stopped)
         if pareto:
             metrics = [m.strip() for m in metric.split(",") if m.strip()] if metric else found.objectives
             ranked = pareto_runs(found.runs, metrics)
@@ -122,7 +151,8 @@ def best_table(
             if f"{v}_std" in r.metrics:  # seed repeats: the mean over seeds, and their spread
                 cells[-1] += f" ±{_num(r.metrics[f'{v}_std'])}"
         rows.append([*head, *cells, *values, param_lines(r.searched), r.run_id[:8]])
-    title = f"top {len(ranked)} of {len(found.runs)} finished runs by {key} (validation); then test metrics"
+    total = f"of {len(found.runs)} " if found.complete else ""  # only the best were read: no count
+    title = f"top {len(ranked)} {total}finished runs by {key} (validation); then test metrics"
     if front:
         title = (
             f"Pareto front: {len(ranked)} of {len(found.runs)} finished runs that no other beats on all of "
