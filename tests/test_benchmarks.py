@@ -137,3 +137,18 @@ def test_driver_scale_smoke(tmp_path):
         assert r["metric_values_logged"] == r["metric_values_stored"] > 0
         assert r["latency_p99_s"] >= r["latency_p50_s"] > 0 and r["best_s"] > 0
     assert all(r["status_s"] > 0 for r in rows if r["mode"] == "ray")
+
+
+def test_best_latency_times_both_reads(tmp_path):
+    import best_latency
+
+    from tests._results_fixtures import build_crafted
+
+    c = build_crafted(tmp_path / "store")
+    out = tmp_path / "best.json"
+    assert (
+        best_latency.main([c.experiment, "--tracking-uri", c.uri, "--repeats", "1", "--out", str(out)]) == 0
+    )
+    doc = json.loads(out.read_text())
+    assert set(doc["seconds"]) == {"top5", "top_all"} and all(v[0] > 0 for v in doc["seconds"].values())
+    assert doc["titles"]["top_all"].startswith("top 7 of 7 finished runs")
