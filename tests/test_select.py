@@ -209,7 +209,7 @@ def test_best_of_a_large_sweep_reads_only_its_best_runs_and_ranks_as_the_full_se
         assert top.complete == (n == 60) and (n == 60 or len(top.runs) < 130)
         ranked = rank_runs(top.runs, metric)
         assert [r.run_id for r in ranked[:n]] == [r.run_id for r in full[:n]]
-    monkeypatch.setattr(lookup, "TOP_PAGE", 1)  # pages that end inside a run of ties
+    monkeypatch.setattr(lookup, "TOP_PAGE", 1)  # small pages (max(4n, 1)) that end inside runs of ties
     for n in (1, 2, 3, 7):
         ranked = rank_runs(lookup.find_top_runs("big", n, by, tracking_uri=uri).runs, metric)
         assert [r.run_id for r in ranked[:n]] == [r.run_id for r in full[:n]]

@@ -113,10 +113,10 @@ def _execute(
 
 
 def _storage_guard(spec: SweepSpec, callback: Callable[[], Any]):
-    """The driver's :class:`~sweeps.driver.storage_guard.StorageGuard` (local storage; remote
-    storage is not measured, but a trial failing for want of space there still stops the sweep).
-    Once the storage is full, the tracking callback waits only briefly for a store that may be on
-    it (``callback()``: the callback, made after the guard)."""
+    """The driver's :class:`~sweeps.driver.storage_guard.StorageGuard`: it measures local storage
+    only (remote storage, e.g. S3, has no free space to watch; an ENOSPC raised in the driver
+    still ends the sweep as out of space). Once the storage is full, the tracking callback waits
+    only briefly for a store that may be on it (``callback()``: the callback, made after the guard)."""
     from .storage_guard import StorageGuard
 
     def shorten_wait() -> None:

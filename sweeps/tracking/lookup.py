@@ -263,7 +263,7 @@ def find_top_runs(
                 [exp.experiment_id],
                 filter_string=base,
                 order_by=order,
-                max_results=max(4 * n, 50),
+                max_results=max(4 * n, TOP_PAGE),
                 page_token=token,
             )
         except Exception:  # a bad filter, the store gone: the full search says which, with the same words
