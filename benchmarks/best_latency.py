@@ -44,15 +44,12 @@ def main(argv: list[str] | None = None) -> int:
             if out.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()[-500:]}")
             titles[name] = out.stdout.strip().splitlines()[0]
+    command = " ".join(["python benchmarks/best_latency.py", *(argv if argv is not None else sys.argv[1:])])
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     doc = {
         "benchmark": "best_latency",
-        "command": "python benchmarks/best_latency.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "command": command,
+        "machine": machine,
         "label": args.label,
         "seconds": times,
         "median_s": {k: statistics.median(v) for k, v in times.items()},
