@@ -121,7 +121,7 @@ def _storage_guard(spec: SweepSpec, callback: Callable[[], Any]):
 
     def shorten_wait() -> None:
         if (cb := callback()) is not None:
-            cb.end_grace_s = min(cb.end_grace_s, OUT_OF_SPACE_GRACE_S)
+            cb.end_grace_s = OUT_OF_SPACE_GRACE_S
 
     if spec.remote_storage:
         guard = StorageGuard(spec.storage_path, on_full=shorten_wait)

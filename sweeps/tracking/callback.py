@@ -56,10 +56,10 @@ _EPOCH_KEYS = ("lambda", "lr", "epoch_time_s", "epoch_train_s", "epoch_val_s")
 class MlflowSweepCallback(Callback):
     # called with (trial, results) once a trial's epoch results are in the store (benchmarks time it)
     after_log = None
+    end_grace_s: float | None = None  # the end's wait for a lost store, if shorter than FLUSH_GRACE_S
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: SweepSpec) -> None:
         self.tracking_uri = tracking_uri
-        self.end_grace_s = FLUSH_GRACE_S  # the driver shortens it when the storage filled up
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.spec = spec
@@ -232,10 +232,11 @@ class MlflowSweepCallback(Callback):
         self.writer.submit("_trial_error", trial)
 
     def on_experiment_end(self, trials, **info) -> None:
-        """Every update logged; a lost store gets up to ``end_grace_s`` (``FLUSH_GRACE_S``), then
-        says what is missing."""
+        """Every update logged; a lost store gets up to ``FLUSH_GRACE_S`` (less if the driver set
+        ``end_grace_s``: the storage filled up), then says what is missing."""
+        grace = FLUSH_GRACE_S if self.end_grace_s is None else min(self.end_grace_s, FLUSH_GRACE_S)
         try:
-            self.drain(self.end_grace_s)
+            self.drain(grace)
         finally:
             self.writer.close()
 

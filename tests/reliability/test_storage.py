@@ -7,6 +7,7 @@ Real filesystems: small tmpfs mounts (needs root, as in CI; elsewhere these test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -77,10 +78,21 @@ def test_full_storage_path_is_refused_before_any_trial(ne_cache, tmp_path):
 
 
 def _fill(fs: Path, leave_mib: int) -> None:
-    """Take all of ``fs``'s free space but ``leave_mib`` (as another job on the disk would)."""
-    st = os.statvfs(fs)
-    size = st.f_bavail * st.f_frsize - leave_mib * 2**20
-    subprocess.run(["fallocate", "-l", str(size), str(fs / "someone-elses-file")], check=True)
+    """Take all of ``fs``'s free space but ``leave_mib`` (as another job on the disk would). The
+    sweep writes meanwhile: a size measured a moment before may no longer fit, so it is retried
+    smaller; ``leave_mib=0`` then writes zeros until the disk is full."""
+    filler = fs / "someone-elses-file"
+    for _ in range(20):
+        st = os.statvfs(fs)
+        size = st.f_bavail * st.f_frsize - (leave_mib + 2) * 2**20
+        if size <= 0 or subprocess.run(["fallocate", "-l", str(size), str(filler)]).returncode == 0:
+            break
+        filler.unlink(missing_ok=True)
+    if leave_mib == 0:
+        with contextlib.suppress(OSError), (fs / "someone-elses-last-bytes").open("wb") as f:
+            while True:
+                f.write(b"\0" * 2**20)
+                f.flush()
 
 
 def _started(output: str) -> dict[str, str]:
@@ -128,7 +140,8 @@ def test_storage_filling_up_mid_sweep_stops_it_and_resume_finishes_it(ne_cache, 
             for f in ckpt.rglob("*.pt"):
                 safe_load(f)
 
-        (fs / "someone-elses-file").unlink()
+        for f in fs.glob("someone-elses-*"):
+            f.unlink()
         resume = subprocess.run(
             [*CLI, "sweep", "resume", "demo", "--storage", str(fs)],
             capture_output=True,
