@@ -60,7 +60,7 @@ def test_invalid_arguments():
         attention_loss(cam, region, labels, "soft", 1.2)
     with pytest.raises(ValueError, match="tau"):
         attention_loss(cam, region, labels, "soft", 0.5, tau=0)
-    with pytest.raises(ValueError, match="valid: energy, paper, soft"):
+    with pytest.raises(ValueError, match="valid: energy, input_grad, paper, soft"):
         attention_loss(cam, region, labels, "nope", 0.5)
 
 

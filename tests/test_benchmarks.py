@@ -152,3 +152,21 @@ def test_best_latency_times_both_reads(tmp_path):
     doc = json.loads(out.read_text())
     assert set(doc["seconds"]) == {"top5", "top_all"} and all(v[0] > 0 for v in doc["seconds"].values())
     assert doc["titles"]["top_all"].startswith("top 7 of 7 finished runs")
+
+
+def test_step_time_input_grad_variant(tmp_path):
+    import step_time
+
+    out = tmp_path / "st.json"
+    assert step_time.main(["--smoke", "--input-grad", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["median_s"]["input_grad"] > 0 and "ratio_paired_input_grad_over_ce" in r
+
+
+def test_outside_cost_smoke(tmp_path):
+    import outside_cost
+
+    out = tmp_path / "oc.json"
+    assert outside_cost.main(["--smoke", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r["median_s"]) == {"on", "off"} and r["ratio_on_over_off"] > 0

@@ -210,3 +210,55 @@ def test_vgg_head_shortcut_matches_the_reference_for_the_log_softmax_score(mode)
     torch.testing.assert_close(outs["auto"][0], outs["autograd"][0], atol=1e-5, rtol=1e-4)
     for name, g in outs["autograd"][1].items():
         assert float((outs["auto"][1][name] - g).abs().max()) <= 1e-4 * (float(g.abs().max()) + 1e-12), name
+
+
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [
+        ("resnet18", lambda m: m.layer3),
+        ("pvt_v2_b0", lambda m: m.stages[2]),
+        ("vgg11", lambda m: m.features[19]),
+    ],
+)
+def test_the_previous_layer_matches_pytorch_grad_cam_there(name, layer):
+    """``layer="previous"``: the stage before the last, at twice its resolution, as pytorch-grad-cam
+    computes Grad-CAM at that module."""
+    from trainer.cam import previous_stage
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3).eval()
+    assert previous_stage(model) is layer(model)
+    x = torch.randn(4, 3, 96, 96)
+    target = torch.tensor([0, 1, 2, 1])
+    _, ours = grad_cam(model, x, target, layer="previous")
+    ref = _oracle(model, x, target, layer(model))
+    compared = 0
+    for i in range(len(x)):
+        a, b = ours[i, 0].detach().numpy().ravel(), ref[i].ravel()
+        if a.std() == 0 or b.std() == 0:
+            assert a.max() == pytest.approx(0, abs=1e-6) and b.max() == pytest.approx(0, abs=1e-6)
+            continue
+        r = np.corrcoef(a, b)[0, 1]
+        assert r >= 0.99, f"{name} image {i}: correlation {r:.4f}"
+        compared += 1
+    assert compared >= 2
+
+
+def test_the_previous_layer_is_differentiable_in_training_and_plain_in_evaluation():
+    from trainer.cam import grad_cam_parts, grad_cams
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet18", num_classes=2).train()
+    x = torch.randn(2, 3, 64, 64)
+    logits, fmap, weights = grad_cam_parts(model, x, torch.tensor([1, 0]), layer="previous")
+    assert fmap.shape[-2:] == (4, 4)  # layer3 at 64 px: twice the 2 × 2 of layer4
+    assert weights.requires_grad and fmap.requires_grad
+    probe = torch.randn(weights.shape, generator=torch.Generator().manual_seed(1))
+    # layer4's shortcut convolution: timm zero-initialises each block's last BatchNorm, so the
+    # residual branches pass nothing yet
+    conv = model.layer4[0].downsample[0].weight
+    (g,) = torch.autograd.grad((weights * probe).sum(), conv, allow_unused=True)
+    assert g is not None and g.abs().sum() > 0  # the weights are trained through the last stage
+    with torch.no_grad():
+        plain, cams = grad_cams(model.eval(), x, [torch.tensor([1, 0])], layer="previous")
+    assert not plain.requires_grad and not cams[0].requires_grad and cams[0].shape == (2, 1, 64, 64)

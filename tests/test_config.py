@@ -54,7 +54,7 @@ def test_bad_attention_fields_are_named(attention, field):
 
 
 def test_unknown_mode_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"valid: energy, paper, soft"):
+    with pytest.raises(ConfigError, match=r"valid: energy, input_grad, paper, soft"):
         TrialConfig.from_dict(_base(mode="magic"))
 
 

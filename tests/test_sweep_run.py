@@ -41,6 +41,11 @@ def test_every_shipped_space_runs_through_the_cli(space, ne_cache, tmp_path):
         extra = {"params.model.backbone.values": "[test_resnet]"}
     else:
         extra = {"trial.model.backbone": "test_resnet"}
+    if space.name == "decision.yaml":  # the trial after the CE baseline trains the new guidance
+        extra |= {
+            "params.attention.mode.values": "[input_grad]",
+            "params.outside.augment.values": "[0.0, 0.5]",
+        }
     args = ["sweep", "run", str(space), "--smoke"]
     for s in _small(ne_cache, tmp_path, **extra):
         args += ["--set", s]
@@ -51,6 +56,7 @@ def test_every_shipped_space_runs_through_the_cli(space, ne_cache, tmp_path):
         "paper_grid.yaml": "paper-grid-ne",
         "optuna_lambda.yaml": "optuna-lambda-ne",
         "shortcut.yaml": "shortcut-ne-search",
+        "decision.yaml": "decision-ne",
     }
     client, parents, children = _runs(tmp_path, name[space.name])
     expected = 5 if space.name == "paper_grid.yaml" else 2
@@ -70,6 +76,10 @@ def test_every_shipped_space_runs_through_the_cli(space, ne_cache, tmp_path):
         unused = {"attention.threshold", "attention.mode", "attention.tau", "search.attention.threshold"}
         assert not unused & set(ce.data.params)  # only what takes effect in a CE run
         assert not any(k.startswith("attention.schedule") for k in ce.data.params)
+    if space.name == "decision.yaml":
+        modes = sorted(r.data.params.get("attention.mode", "CE") for r in children)
+        assert modes == ["CE", "input_grad"], modes
+        assert all("best_val_outside_evidence" in r.data.metrics for r in children)
     if space.name == "paper_grid.yaml":
         combos = {(r.data.params["model.backbone"], r.data.params["attention.lambda"]) for r in children}
         assert {lam for _, lam in combos} == {"1.0", "0.75", "0.5", "0.25", "adaptive"}

@@ -6,6 +6,13 @@ For one image with region mask R and Grad-CAM M in [0, 1]:
   the authors' code does (the update is then just λ·∇CE).
 * ``soft``:   1 − Σ σ((M − t)/τ)·R / |R| — the count made smooth; equals ``paper`` as τ → 0.
 * ``energy``: 1 − Σ M·R / Σ M — one minus the share of CAM mass inside the region.
+* ``input_grad``: Σ S·(1 − R) / Σ S with S = ‖∂ log p(label)/∂x‖² per pixel — the share of the
+  input gradient's energy outside the region (right for the right reasons, Ross et al. 2017, as a
+  share so that λ weighs two terms in [0, 1]). R is the dilated lung mask (``attention.input_region:
+  lung``) or the region prior (``prior``; the lung mask for No Finding). It acts on what the
+  decision reads, not on where a feature map's CAM lies; every image counts, No Finding included.
+  See :func:`input_gradient_term`: it needs the input's gradient with a graph (a double backward
+  through the whole network).
 
 No Finding images (label 0) and images without a region count 0; the batch loss is the mean
 over all rows. The full objective is ``λ·CE + (1 − λ)·L_att``.
@@ -34,6 +41,7 @@ __all__ = [
     "attention_term",
     "create_loss_mode",
     "fused_attention_term",
+    "input_gradient_term",
     "select_attention_term",
 ]
 
@@ -49,6 +57,7 @@ class LossMode:
     per_image: PerImageLoss  # (cam (B, 1, H, W), region (B, 1, H, W), threshold, tau) → (B,)
     differentiable: bool  # L_att carries a gradient to the model (else the update is λ·∇CE only)
     uses: frozenset[str]  # the attention settings it reads besides CAM and region
+    input_gradient: bool = False  # the map is the input gradient's energy (input_gradient_term)
 
 
 LOSS_MODES: Registry[LossMode] = Registry("attention-loss mode")
@@ -59,7 +68,7 @@ def _mode(name: str) -> Callable[[PerImageLoss], PerImageLoss]:
     info = BUILTIN_MODES[name]
 
     def deco(fn: PerImageLoss) -> PerImageLoss:
-        mode = LossMode(name, fn, info.differentiable, info.uses)
+        mode = LossMode(name, fn, info.differentiable, info.uses, info.input_gradient)
         LOSS_MODES.register(name)(lambda: mode)
         return fn
 
@@ -87,6 +96,34 @@ def _soft(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float)
 def _energy(cam: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
     inside = (cam * region).sum(dim=(1, 2, 3))  # (B,)
     return 1.0 - inside / cam.sum(dim=(1, 2, 3)).clamp_min(_EPS)
+
+
+@_mode("input_grad")
+def _input_grad(saliency: torch.Tensor, region: torch.Tensor, threshold: float, tau: float) -> torch.Tensor:
+    outside = (saliency * (1.0 - region)).sum(dim=(1, 2, 3))  # (B,)
+    return outside / saliency.sum(dim=(1, 2, 3)).clamp_min(torch.finfo(saliency.dtype).tiny)
+
+
+def input_gradient_term(
+    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, region: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, K)`` and the ``input_grad`` loss (batch mean) from one forward pass.
+
+    The gradient of Σ log p(label) w.r.t. the input is taken with a graph when gradients are on
+    (training: the loss then trains the model through a double backward), without one otherwise.
+    ``region`` ``(B, 1, H, W)``: where the decision may read. A row with an empty region counts 0.
+    """
+    training = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)  # (B, K)
+        log_p = torch.log_softmax(logits.float(), dim=1).gather(1, labels.long()[:, None]).sum()
+        (grad,) = torch.autograd.grad(log_p, x, create_graph=training)
+    saliency = grad.float().pow(2).sum(dim=1, keepdim=True)  # (B, 1, H, W)
+    per_image = create_loss_mode("input_grad").per_image(saliency, region.float(), 0.5, 1.0)
+    counts = region.sum(dim=(1, 2, 3)) > 0
+    loss = torch.where(counts, per_image, torch.zeros_like(per_image)).mean()
+    return (logits, loss) if training else (logits.detach(), loss.detach())
 
 
 def create_loss_mode(name: str) -> LossMode:

@@ -21,6 +21,13 @@ pooling + classifier only, then by hand through ReLU → the 1×1 ``fc2`` as a m
 ReLU, and the 4096 × 512 kernel sum, with the same value and parameter gradients as the
 generic path (tested; the head is piecewise linear, so its ReLU masks carry no derivative).
 ``cam_weights="autograd"`` forces the generic path.
+
+``layer="previous"`` takes the CAM one stage earlier, at twice the resolution (timm's
+``feature_info``: the last stage whose reduction is half the last one's; ResNet ``layer3``, PVT
+``stages.2``, VGG the ReLU before its last pool). The activation is caught by a forward hook in
+the same forward pass and the channel weights are the gradient through the last stage and the
+head: a second-order graph through that stage when training (dearer than the head-only one of the
+last layer), a first-order one from that stage on in evaluation.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from torch import nn
 from .backbones import features_to_nchw
 
 __all__ = [
+    "LAYERS",
     "SCORES",
     "cam_from_parts",
     "check_cam_support",
@@ -42,6 +50,7 @@ __all__ = [
     "grad_cam_parts",
     "grad_cams",
     "has_head_shortcut",
+    "previous_stage",
 ]
 
 # Min-max scaling divides by the CAM's range plus this share of its maximum: a CAM whose values
@@ -49,6 +58,7 @@ __all__ = [
 # squashes small-valued CAMs: with 1e-7, a CAM of range 1e-8 peaked at 0.09).
 _REL_EPS = 1e-6
 SCORES = ("logit", "log_softmax")  # what Grad-CAM differentiates (``grad_cam(score=...)``)
+LAYERS = ("last", "previous")  # where the CAM is taken (``grad_cam(layer=...)``)
 
 
 def grad_cam(
@@ -59,6 +69,7 @@ def grad_cam(
     create_graph: bool | None = None,
     cam_weights: Literal["auto", "autograd"] = "auto",
     score: Literal["logit", "log_softmax"] = "logit",
+    layer: Literal["last", "previous"] = "last",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(B, K)`` and Grad-CAM ``(B, 1, H, W)`` in [0, 1] for the whole batch in one pass.
 
@@ -75,7 +86,7 @@ def grad_cam(
     """
     outer_grad = torch.is_grad_enabled()
     logits, fmap, weights = grad_cam_parts(
-        model, images, target, create_graph=create_graph, cam_weights=cam_weights, score=score
+        model, images, target, create_graph=create_graph, cam_weights=cam_weights, score=score, layer=layer
     )
     with torch.set_grad_enabled(outer_grad):
         cam = cam_from_parts(fmap, weights, images.shape[-2:])
@@ -92,6 +103,7 @@ def grad_cam_parts(
     create_graph: bool | None = None,
     cam_weights: Literal["auto", "autograd"] = "auto",
     score: Literal["logit", "log_softmax"] = "logit",
+    layer: Literal["last", "previous"] = "last",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`grad_cam` up to the CAM: logits ``(B, K)``, feature map ``(B, C, h, w)`` and channel
     weights ``(B, C)``; :func:`cam_from_parts` turns the last two into the CAM.
@@ -106,6 +118,8 @@ def grad_cam_parts(
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     outer_grad = torch.is_grad_enabled()
     create_graph = outer_grad if create_graph is None else create_graph and outer_grad
+    if layer != "last":
+        return _previous_stage_parts(model, images, [target], create_graph, score, layer)[0]
     mlp = _conv_mlp_head(model) if cam_weights == "auto" else None
     # The head's weights as the shortcut uses them, taken *before* the forward pass on purpose:
     # autograd then runs their backward last, after the layers' own weight gradients, and adds
@@ -128,12 +142,19 @@ def grad_cams(
     targets: list[torch.Tensor | str],
     *,
     score: Literal["logit", "log_softmax"] = "logit",
+    layer: Literal["last", "previous"] = "last",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``(B, K)`` and one Grad-CAM ``(B, 1, H, W)`` per target, from one forward pass of the
-    features (evaluation: no graph is kept). Each extra target costs a pass through the head only.
+    features (evaluation: no graph is kept). Each extra target costs a pass through the head only
+    (``layer="previous"``: a backward through the last stage and the head).
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if layer != "last":
+        parts = _previous_stage_parts(model, images, targets, False, score, layer)
+        size = images.shape[-2:]
+        cams = [cam_from_parts(f.detach(), w.detach(), size) for _, f, w in parts]
+        return parts[-1][0].detach(), cams
     mlp = _conv_mlp_head(model)
     feats = model.forward_features(images).detach()
     cams, logits = [], None
@@ -170,6 +191,61 @@ def check_cam_support(model: nn.Module, size: int, name: str) -> None:
             "Use attention.lambda: 1 (plain cross-entropy), or a backbone that pools its patch tokens "
             "(for a timm ViT, global_pool='avg')"
         )
+
+
+def previous_stage(model: nn.Module) -> nn.Module:
+    """The stage before the last feature map, at twice its resolution (timm's ``feature_info``)."""
+    from .backbones import BackboneError
+
+    info = list(getattr(model, "feature_info", None) or [])
+    if len(info) < 2:
+        raise BackboneError(f"{type(model).__name__}: no feature_info stages: attention.layer must be last")
+    last = info[-1]["reduction"]
+    earlier = [f for f in info[:-1] if f["reduction"] * 2 == last]
+    if not earlier:
+        raise BackboneError(
+            f"{type(model).__name__}: no stage at reduction {last // 2} before the last (reductions "
+            f"{[f['reduction'] for f in info]}): attention.layer must be last"
+        )
+    return model.get_submodule(earlier[-1]["module"])
+
+
+def _previous_stage_parts(model, images, targets, create_graph: bool, score: str, layer: str):
+    """(logits, activation, channel weights) per target at :func:`previous_stage`, from one forward.
+
+    Training (gradients on): the activation keeps its graph to the parameters below it. Otherwise
+    the hook cuts it there, and only the last stage and the head get a (first-order) graph.
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    outer_grad = torch.is_grad_enabled()
+    seen: dict[str, torch.Tensor] = {}
+
+    def catch(_m, _i, out):
+        if not outer_grad:
+            out = out.detach().requires_grad_(True)
+        seen["a"] = out
+        return out
+
+    hook = previous_stage(model).register_forward_hook(catch)
+    try:
+        with torch.enable_grad():
+            logits = model.forward_head(model.forward_features(images))  # (B, K)
+    finally:
+        hook.remove()
+    act = seen["a"]
+    if act.ndim != 4:
+        raise ValueError(
+            f"attention.layer previous: the stage's output {tuple(act.shape)} is not a feature map"
+        )
+    out = []
+    with torch.enable_grad():
+        for target in targets:
+            total = _target_score(logits, target, score)
+            (grads,) = torch.autograd.grad(total, act, create_graph=create_graph, retain_graph=True)
+            weights = grads.mean(dim=(2, 3))  # (B, C)
+            out.append((logits if outer_grad else logits.detach(), act, weights))
+    return out
 
 
 def _channel_weights(model, mlp, head_w, feats, target, create_graph: bool, score: str):

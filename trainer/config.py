@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
+    "OutsideConfig",
     "TrainConfig",
     "TrialConfig",
     "load_config",
@@ -153,7 +154,7 @@ class AttentionConfig(_Strict):
         "adaptive; the schedule's defaults fill what is left out. Empty for a fixed λ.",
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="CAM threshold t of the attention loss.")
-    mode: str = Field("paper", description="Attention-loss mode: paper | soft | energy.")
+    mode: str = Field("paper", description="Attention-loss mode: paper | soft | energy | input_grad.")
     tau: float = Field(0.05, gt=0.0, description="Temperature τ of the soft threshold (mode soft).")
     cam_target: Literal["predicted", "label"] = Field(
         "predicted", description="Class whose Grad-CAM is steered: the predicted class (paper) or the label."
@@ -171,6 +172,17 @@ class AttentionConfig(_Strict):
             "(class-contrastive: evidence routed into another class's logit shows up). Used by the loss "
             "and the CAM metrics."
         ),
+    )
+    input_region: Literal["lung", "prior"] = Field(
+        "lung",
+        description="Where mode input_grad lets the decision read: the dilated lung mask "
+        "(outside.dilate_px) or each finding's region prior (the lung mask for No Finding).",
+    )
+    layer: Literal["last", "previous"] = Field(
+        "last",
+        description="Where the Grad-CAM is taken: the last feature map, or the stage before it at twice "
+        "the resolution (ResNet layer3, PVT stages.2, VGG before its last pool). Used by the loss and the "
+        "CAM metrics.",
     )
     priors: dict[str, RegionPrior] = Field(
         default_factory=lambda: dict(DEFAULT_PRIORS),
@@ -268,14 +280,41 @@ class AttentionConfig(_Strict):
         (threshold for energy, tau for paper), and every setting of the attention loss when λ is
         fixed at 1 (plain cross-entropy; ``cam_score`` and ``priors`` still shape the CAM metrics)."""
         if not self.uses_attention:
-            return {"mode", "threshold", "tau", "cam_target", "cam_pass"}
-        return {"threshold", "tau"} - mode_info(self.mode).uses
+            return {"mode", "threshold", "tau", "cam_target", "cam_pass", "input_region"}
+        info = mode_info(self.mode)
+        cam_rule = {"cam_target", "cam_pass", "layer"} if info.input_gradient else set()
+        return ({"threshold", "tau", "input_region"} - info.uses) | cam_rule
 
     def lambda_at(self, epoch: int) -> float:
         """λ of ``epoch`` (counted from 0)."""
         if isinstance(self.lambda_, str):
             return create_schedule(self.lambda_, **self.schedule)(epoch)
         return create_schedule(FIXED, value=self.lambda_)(epoch)
+
+
+class OutsideConfig(_Strict):
+    """What the decision reads outside the lungs (:mod:`trainer.outside`): the score, and the augmentation."""
+
+    score: bool = Field(
+        True,
+        description="Log outside_evidence, inside_only_accuracy and inside_only_f1_macro: the model asked "
+        "again with everything outside the dilated lung mask replaced by `fill` (validation every epoch, "
+        "test at the end; one more forward pass per evaluated image).",
+    )
+    subset: int = Field(
+        0, ge=0, description="Score the first N validation images each epoch (0 = all); test: always all."
+    )
+    fill: Literal["mean", "blur", "noise"] = Field(
+        "mean", description="What replaces the outside: the image's mean, a heavy blur, or matched noise."
+    )
+    dilate_px: int = Field(8, ge=0, le=64, description="Lung-mask dilation in pixels at 224 px (scaled).")
+    augment: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of training images whose outside is replaced by `fill` (the outside_mask "
+        "augmentation, a data-level baseline; 0 = off).",
+    )
 
 
 class TrialConfig(_Strict):
@@ -288,6 +327,7 @@ class TrialConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    outside: OutsideConfig = Field(default_factory=OutsideConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from . import cam
-from .attention_loss import attention_loss, attention_term, create_loss_mode
+from .attention_loss import attention_loss, attention_term, create_loss_mode, input_gradient_term
 from .config import AttentionConfig, TrialConfig
 from .metrics import LocalizationScores, compute_metrics
+from .outside import OutsideScores, fill_outside, lung_region, outside_augment
 from .priors import region_masks
 
-__all__ = ["Step", "evaluate", "train_epoch", "training_step"]
+__all__ = ["Step", "evaluate", "input_region", "train_epoch", "training_step"]
 
 
 class Step(NamedTuple):
@@ -54,13 +55,15 @@ def _cam_parts(model, x: torch.Tensor, y: torch.Tensor, att: AttentionConfig):
     target = y if att.cam_target == "label" else "predicted"
     differentiable = create_loss_mode(att.mode).differentiable
     if att.cam_pass == "train":
-        return cam.grad_cam_parts(model, x, target, create_graph=differentiable, score=att.cam_score)
+        return cam.grad_cam_parts(
+            model, x, target, create_graph=differentiable, score=att.cam_score, layer=att.layer
+        )
     logits = model(x)  # (B, K)
     if att.cam_target == "predicted":
         target = logits.detach().argmax(1)
     with _eval_mode(model), torch.set_grad_enabled(differentiable):
         _, fmap, weights = cam.grad_cam_parts(
-            model, x, target, create_graph=differentiable, score=att.cam_score
+            model, x, target, create_graph=differentiable, score=att.cam_score, layer=att.layer
         )
     return logits, fmap, weights
 
@@ -85,6 +88,19 @@ def _grad_ratio(model: torch.nn.Module, ce: torch.Tensor, l_att: torch.Tensor) -
     return float(norm(l_att) / norm(ce).clamp_min(1e-30))
 
 
+def input_region(cfg: TrialConfig, batch: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
+    """Where mode ``input_grad`` lets the decision read ``(B, 1, H, W)``: the dilated lung mask, or
+    (``attention.input_region: prior``) each finding's region prior, the lung mask where it has none."""
+    if "lung" not in batch:
+        raise ValueError("mode input_grad needs the batch's lung masks")
+    keep = lung_region(batch["lung"], cfg.outside.dilate_px)
+    if cfg.attention.input_region == "prior":
+        prior = region_masks(batch["box"], batch["label"], table, keep.shape[-2:])
+        has = prior.sum(dim=(1, 2, 3)) > 0
+        keep = torch.where(has[:, None, None, None], prior.to(keep.dtype), keep)
+    return keep
+
+
 def training_step(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -98,6 +114,7 @@ def training_step(
     amp: torch.dtype | None = None,
     term: Callable[..., torch.Tensor] = attention_term,
     balance: bool = False,
+    region: torch.Tensor | None = None,
 ) -> Step:
     """One optimisation step of ``λ·CE + (1−λ)·L_att`` (see :class:`Step`).
 
@@ -106,12 +123,18 @@ def training_step(
     L_att: :func:`~trainer.attention_loss.attention_term`, or its compiled twin
     (:func:`~trainer.attention_loss.select_attention_term`). A loss mode without a gradient
     (``paper``) builds no double-backward graph. ``balance`` also measures ‖∇L_att‖ / ‖∇CE‖.
+    Mode ``input_grad`` takes no CAM: its term is the input gradient's share outside ``region``
+    (:func:`input_region`; :func:`~trainer.attention_loss.input_gradient_term`).
     """
     dev = x.device
     attending = att.uses_attention and lam < 1.0
     cam_zero = torch.zeros((), device=dev)
     with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        if attending:
+        if attending and create_loss_mode(att.mode).input_gradient:
+            if region is None:
+                raise ValueError("mode input_grad needs the region the decision may read")
+            logits, l_att = input_gradient_term(model, x, y, region)
+        elif attending:
             logits, fmap, weights = _cam_parts(model, x, y, att)  # (B, K), (B, C, h, w), (B, C)
             l_att = term(fmap, weights, box, y, table, tuple(x.shape[-2:]), att.mode, att.threshold, att.tau)
             cam_zero = _all_zero(fmap, weights)
@@ -135,11 +158,19 @@ def train_epoch(model, loader, prep, optimizer, scaler, cfg: TrialConfig, lam: f
     loader.generator.manual_seed(torch.initial_seed())  # seeded per epoch by the caller: resumable order
     sums = torch.zeros(5, device=prep.device)  # loss, ce, attention, correct, all-zero CAMs
     n, ratio = 0, None
+    out = cfg.outside
+    by_input = (
+        cfg.attention.uses_attention and lam < 1.0 and create_loss_mode(cfg.attention.mode).input_gradient
+    )
     for i, raw in enumerate(loader):
         b = prep(raw, train=True)
         y = b["label"]  # (B,)
+        x = b["image"]
+        if out.augment > 0:  # the outside_mask baseline: some images lose everything outside the lungs
+            x = outside_augment(x, b["lung"], out.augment, out.fill, out.dilate_px)
+        region = input_region(cfg, b, table) if by_input else None
         step = training_step(
-            model, b["image"], y, b["box"], optimizer, scaler, cfg.attention, lam, table, amp, term, i == 0
+            model, x, y, b["box"], optimizer, scaler, cfg.attention, lam, table, amp, term, i == 0, region
         )
         bs = y.shape[0]
         n += bs
@@ -157,9 +188,19 @@ def train_epoch(model, loader, prep, optimizer, scaler, cfg: TrialConfig, lam: f
 
 @torch.no_grad()
 def evaluate(
-    model, loader, prep, cfg: TrialConfig, table, amp, lam: float, keep_examples: int = 0
+    model,
+    loader,
+    prep,
+    cfg: TrialConfig,
+    table,
+    amp,
+    lam: float,
+    keep_examples: int = 0,
+    outside_limit: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of §5, the objective (``loss``) and its parts, and the localization scores.
+    """Metrics of §5, the objective (``loss``) and its parts, the localization scores, and (with
+    ``outside.score``) what the decision reads outside the lungs, on the first ``outside_limit``
+    images (0: all; :mod:`trainer.outside`).
 
     The attention loss follows the training rule (``attention.cam_target``), so ``val_loss`` and
     ``val_attention_loss`` measure what ``train_loss`` and ``train_attention_loss`` do; the
@@ -167,6 +208,10 @@ def evaluate(
     """
     model.eval()
     att = cfg.attention
+    by_input = create_loss_mode(att.mode).input_gradient
+    outside = OutsideScores() if cfg.outside.score else None
+    noise = torch.Generator(device=prep.device).manual_seed(0)  # the same noise fill every pass
+    scored = 0
     rule = [] if att.cam_target == "label" else ["predicted"]  # the training rule's CAM, when it differs
     probs, labels = [], []
     losses = torch.zeros(2, dtype=torch.float64, device=prep.device)  # CE, L_att
@@ -177,16 +222,27 @@ def evaluate(
         b = prep(raw, train=False)
         x, y = b["image"], b["label"]
         with torch.autocast(prep.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits, cams = cam.grad_cams(model, x, [y, *rule], score=att.cam_score)
+            logits, cams = cam.grad_cams(model, x, [y, *rule], score=att.cam_score, layer=att.layer)
         logits, c, c_rule = logits.float(), cams[0].float(), cams[-1].float()
         region = region_masks(b["box"], y, table, x.shape[-2:])
-        l_att = attention_loss(c_rule, region, y, att.mode, att.threshold, att.tau)
+        if by_input:
+            l_att = input_gradient_term(model, x, y, input_region(cfg, b, table))[1]
+        else:
+            l_att = attention_loss(c_rule, region, y, att.mode, att.threshold, att.tau)
         losses += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), l_att.double() * len(y)])
         if raw["lesion_known"].any():  # the loader's CPU copy: no device sync
             where.update(c, region, y, b["lesion"], b["lesion_known"])
         else:
             where.update(c, region, y)
         p = logits.softmax(1)
+        if outside is not None and (not outside_limit or scored < outside_limit):
+            take = len(y) if not outside_limit else min(len(y), outside_limit - scored)
+            keep = lung_region(b["lung"][:take], cfg.outside.dilate_px)
+            lungs_only = fill_outside(x[:take], keep, cfg.outside.fill, noise)
+            with torch.autocast(prep.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                p_in = model(lungs_only).float().softmax(1)
+            outside.update(p[:take], p_in, y[:take])
+            scored += take
         probs.append(p)
         labels.append(y)
         if kept < keep_examples:
@@ -204,6 +260,8 @@ def evaluate(
     m |= {"ce": ce_sum / n, "attention_loss": att_sum / n}
     m["loss"] = lam * m["ce"] + (1.0 - lam) * m["attention_loss"]
     m.update(where.compute())
+    if outside is not None:
+        m.update(outside.compute(len(cfg.data.classes)))
     out: dict[str, Any] = {"metrics": m, "y_true": y_true, "y_prob": y_prob}
     if kept:
         out["examples"] = {k: torch.cat(v) for k, v in examples.items()}

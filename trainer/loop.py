@@ -23,7 +23,7 @@ import torch
 
 from .attention_loss import select_attention_term
 from .backbones import check_input_size, create_backbone
-from .cam import check_cam_support
+from .cam import check_cam_support, previous_stage
 from .checkpoint import (
     BEST_FILE,
     CheckpointMismatchError,
@@ -42,6 +42,7 @@ from .data.splits import SPLITS
 from .data.transforms import BatchTransform
 from .epoch import evaluate, train_epoch
 from .errors import UserError
+from .loss_modes import mode_info
 from .metrics import check_metric, higher_is_better, logged_names
 from .priors import prior_table
 
@@ -122,8 +123,10 @@ def trial_steps(
         drop_rate=cfg.model.drop_rate,
     ).to(device)
     check_input_size(model, size, cfg.model.backbone)
-    if cfg.attention.uses_attention:
-        check_cam_support(model, size, cfg.model.backbone)
+    if cfg.attention.uses_attention and not mode_info(cfg.attention.mode).input_gradient:
+        check_cam_support(model, size, cfg.model.backbone)  # input_grad steers no CAM
+    if cfg.attention.layer != "last":
+        previous_stage(model)  # a backbone without an earlier stage fails here, before training
     use_cl = cfg.train.channels_last and device.type == "cuda"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
@@ -164,7 +167,7 @@ def trial_steps(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        val = evaluate(model, loaders["val"], prep, cfg, table, amp, lam)
+        val = evaluate(model, loaders["val"], prep, cfg, table, amp, lam, outside_limit=cfg.outside.subset)
         t_val = time.perf_counter() - t0 - t_train
         metrics: dict[str, float] = {
             "epoch": float(epoch),
@@ -270,8 +273,11 @@ def split_loader(
     cache: Cache, split: str, cfg: TrialConfig, device: torch.device
 ) -> torch.utils.data.DataLoader:
     """The DataLoader of one split as a trial reads it (training: shuffled by the trial's seed)."""
-    # a training pass reads image, box and label only, unless augmentation moves the masks too
-    ds = CacheDataset(cache, split, masks=split != "train" or cfg.data.augment)
+    # a training pass reads image, box and label only, unless augmentation moves the masks too, or
+    # the outside of the lungs is masked or scored (the outside_mask augmentation, mode input_grad)
+    att = cfg.attention
+    lungs = cfg.outside.augment > 0 or (att.uses_attention and mode_info(att.mode).input_gradient)
+    ds = CacheDataset(cache, split, masks=split != "train" or cfg.data.augment or lungs)
     if len(ds) == 0:
         raise ConfigError(f"data.cache: {cache.path} has no {split!r} images")
     g = torch.Generator()

@@ -21,12 +21,16 @@ class ModeInfo:
     name: str
     differentiable: bool  # L_att carries a gradient to the model (else the update is λ·∇CE only)
     uses: frozenset[str]  # the attention settings it reads besides CAM and region
+    input_gradient: bool = False  # scores the input gradient, not a Grad-CAM (cam_* settings unused)
 
 
 BUILTIN_MODES: dict[str, ModeInfo] = {
     "paper": ModeInfo("paper", differentiable=False, uses=frozenset({"threshold"})),
     "soft": ModeInfo("soft", differentiable=True, uses=frozenset({"threshold", "tau"})),
     "energy": ModeInfo("energy", differentiable=True, uses=frozenset()),
+    "input_grad": ModeInfo(
+        "input_grad", differentiable=True, uses=frozenset({"input_region"}), input_gradient=True
+    ),
 }
 
 
@@ -45,7 +49,7 @@ def mode_info(name: str) -> ModeInfo:
     if registry is None:
         raise UnknownNameError(f"unknown attention-loss mode {name!r}; valid: {', '.join(mode_names())}")
     mode = registry.create(name)  # raises with the registered names
-    return ModeInfo(mode.name, mode.differentiable, mode.uses)
+    return ModeInfo(mode.name, mode.differentiable, mode.uses, mode.input_gradient)
 
 
 def mode_names() -> list[str]:

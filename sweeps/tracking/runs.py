@@ -192,6 +192,7 @@ def run_title(cfg: TrialConfig, trial_id: str = "") -> str:
         unused = att.inactive()
         parts += [f"t={att.threshold:.3g}"] if "threshold" not in unused else []
         parts += [f"τ={att.tau:g}"] if "tau" not in unused else []
+        parts += [f"layer={att.layer}"] if att.layer != "last" and "layer" not in unused else []
     return " ".join([*parts, f"[{trial_id}]"] if trial_id else parts)
 
 

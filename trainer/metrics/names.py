@@ -19,6 +19,7 @@ __all__ = [
     "METRICS",
     "METRIC_LABELS",
     "METRIC_NAMES",
+    "OUTSIDE_METRICS",
     "Metric",
     "UnknownMetricError",
     "base_name",
@@ -38,6 +39,9 @@ METRIC_NAMES: tuple[str, ...] = (
 
 #: Where the Grad-CAM points, scored against ground-truth lesion masks (logged where they are known).
 LOCALIZATION_METRICS: tuple[str, ...] = ("pointing_game", "cam_in_region")
+
+#: What the decision reads outside the lungs (trainer/outside.py), logged unless ``outside.score`` is off.
+OUTSIDE_METRICS: tuple[str, ...] = ("outside_evidence", "inside_only_accuracy", "inside_only_f1_macro")
 
 #: Logged beside the contract metrics for validation and test: the Youden-optimal threshold and
 #: index, the training objective and its two parts, and the CAM share inside the prior region.
@@ -97,6 +101,9 @@ METRICS: dict[str, Metric] = {
     "cam_in_prior": Metric("CAM in prior", "CAM prior", _UP),
     "pointing_game": Metric("Pointing game", "pointing", _UP),
     "cam_in_region": Metric("CAM in lesion", "CAM in", _UP),
+    "outside_evidence": Metric("Outside evidence (P drop, lungs only)", "outside", _DOWN),
+    "inside_only_accuracy": Metric("Accuracy on lung-only images", "acc lungs", _UP),
+    "inside_only_f1_macro": Metric("F1 (macro) on lung-only images", "F1 lungs", _UP),
     "cam_zero_fraction": Metric("Share of all-zero CAMs", "CAM 0", _DOWN),
     "grad_ratio": Metric("‖∇L_att‖ / ‖∇CE‖", "∇ ratio", _NONE),
     "lambda": Metric("λ", "λ", _NONE),
@@ -160,7 +167,12 @@ def higher_is_better(name: str) -> bool:
 
 def evaluation_metric_names(lesions_known: bool) -> list[str]:
     """The names a validation or test pass logs (no prefix); localization ones need lesion masks."""
-    return [*METRIC_NAMES, *_EXTRA_NAMES, *(LOCALIZATION_METRICS if lesions_known else ())]
+    return [
+        *METRIC_NAMES,
+        *_EXTRA_NAMES,
+        *OUTSIDE_METRICS,
+        *(LOCALIZATION_METRICS if lesions_known else ()),
+    ]
 
 
 def metric_label(name: str, short: bool = False) -> str:
