@@ -11,17 +11,28 @@ and is selected on validation only, through the same code as ``cxr-sweep best`` 
 * **soft**, **energy** and **energy-lsm** (energy with ``attention.cam_score: log_softmax``, the
   class-contrastive CAM): an Optuna search over λ / t / τ (``search_spaces/shortcut.yaml``) on
   seed 0, then the best configuration (validation F1) again with every seed.
+* **Guidance on the decision** (``--methods``): ``input_grad`` (the input gradient's share
+  outside the lungs), ``energy-lsm-prev`` (energy-lsm on the stage before the last feature map,
+  ``attention.layer: previous``) and ``outside_mask`` (CE with the outside of the lungs replaced
+  on a searched share of training images), searched and repeated as above.
+* **Lung-only selection** (``--lung-selection``): a second row per method (``@lungs``), whose
+  configuration and epochs are chosen on ``val_inside_only_f1_macro``, because validation shares
+  the shortcut.
 * **Control** (``--control-tasks``): the same phantoms without the marker; CE, and each mode at
   the configuration validation picked with the shortcut.
 
 Per method: test macro F1, AUC, Youden's index, discriminant power, pointing game, CAM-in-lesion
 and CAM-in-prior shares (each run's own CAM: ``cam_score`` as trained), mean ± std over seeds,
 and the **marker effect**: the mean change of P(finding) on the test images when the marker block
-is pasted in vs erased (0 = the marker is ignored; null where test has no marker). Also a
+is pasted in vs erased (0 = the marker is ignored; null where test has no marker), the trials'
+own ``outside_evidence`` and lung-only F1 (trainer/outside.py), and each method's Δ test F1 vs CE
+with a paired bootstrap interval over the test images (as ``cxr-sweep compare``). Also a
 Grad-CAM montage CE vs attention on the same test images and the paper-format report of the grid.
 
     python benchmarks/shortcut.py --out benchmarks/results/shortcut_cpu.json \\
         --markdown benchmarks/results/shortcut_cpu.md --montage docs/shortcut_cams.png
+    python benchmarks/shortcut.py --tasks ne --methods ce,energy-lsm,input_grad,outside_mask \\
+        --lung-selection --optuna-trials 12 --out benchmarks/results/shortcut_decision_cpu.json
     python benchmarks/shortcut.py --smoke --out /tmp/sc.json     # about a minute, for tests
 """
 
@@ -52,9 +63,27 @@ SHOWN = (
     *("f1_macro", "auc", "youden_index", "discriminant_power"),
     *("pointing_game", "cam_in_region", "cam_in_prior"),
 )
-# the differentiable methods: (attention.mode, attention.cam_score); "-lsm" = class-contrastive CAM
-SEARCHED = {"soft": ("soft", "logit"), "energy": ("energy", "logit"), "energy-lsm": ("energy", "log_softmax")}
+# what the decision reads outside the lungs (trainer/outside.py): columns where a run logged them
+OUTSIDE = ("outside_evidence", "inside_only_f1_macro")
+# the searched methods: (trial overrides, searched params; None = the space's λ and what the mode
+# reads of t, τ). "-lsm" = class-contrastive CAM, "-prev" = at the stage before the last feature
+# map (attention.layer: previous); outside_mask = CE with the outside of the lungs
+# replaced at random in training (its share p searched)
+_AUGMENT = {"outside.augment": {"type": "uniform", "low": 0.25, "high": 1.0}}
+SEARCHED: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "soft": ({"attention": {"mode": "soft"}}, None),
+    "energy": ({"attention": {"mode": "energy"}}, None),
+    "energy-lsm": ({"attention": {"mode": "energy", "cam_score": "log_softmax"}}, None),
+    "energy-lsm-prev": (
+        {"attention": {"mode": "energy", "cam_score": "log_softmax", "layer": "previous"}},
+        None,
+    ),
+    "input_grad": ({"attention": {"mode": "input_grad"}}, None),
+    "outside_mask": ({"attention": {"lambda": 1.0}}, _AUGMENT),
+}
 METHODS = ("ce", "paper", *SEARCHED)
+LUNGS = "@lungs"  # a second row per method: configuration and epoch chosen on lung-only val F1
+LUNG_METRIC = "val_inside_only_f1_macro"
 
 
 # ---- sweeps --------------------------------------------------------------------------------------
@@ -104,8 +133,13 @@ def _search_spec(base, name, cache, task, method) -> dict[str, Any]:
     spec = copy.deepcopy(base)
     spec["name"] = name
     spec["trial"]["data"] = {"cache": str(cache), "task": task}
+    overrides, params = SEARCHED[method]
+    for section, values in overrides.items():
+        spec["trial"].setdefault(section, {}).update(values)
     att = spec["trial"]["attention"]
-    att["mode"], att["cam_score"] = SEARCHED[method]
+    if params is not None:
+        spec["params"] = copy.deepcopy(params)
+        return spec
     uses = create_loss_mode(att["mode"]).uses  # search only the settings the mode reads (energy: none)
     spec["params"] = {
         k: p
@@ -115,13 +149,19 @@ def _search_spec(base, name, cache, task, method) -> dict[str, Any]:
     return spec
 
 
-def _seeds_spec(base, name, cache, task, method, chosen: dict[str, Any], seeds) -> dict[str, Any]:
+def _seeds_spec(
+    base, name, cache, task, method, chosen: dict[str, Any], seeds, selection: str | None = None
+) -> dict[str, Any]:
     spec = _search_spec(base, name, cache, task, method)
     spec.update(search={"algorithm": "grid"}, num_samples=1)
     att = spec["trial"]["attention"]
     for key in ("lambda", "threshold", "tau"):
         if key in chosen:
             att[key] = chosen[key]
+    if "augment" in chosen:
+        spec["trial"].setdefault("outside", {})["augment"] = chosen["augment"]
+    if selection is not None:  # each trial's best epoch too (the sweep metric is the selection metric)
+        spec["metric"] = selection
     spec["params"] = {"train.seed": {"type": "grid", "values": list(seeds)}}
     return spec
 
@@ -140,6 +180,8 @@ def _chosen(run) -> dict[str, Any]:
     for key in ("threshold", "tau"):
         if f"attention.{key}" in run.params:
             out[key] = float(run.params[f"attention.{key}"])
+    if float(run.params.get("outside.augment", 0) or 0) > 0:
+        out["augment"] = float(run.params["outside.augment"])
     return out
 
 
@@ -271,13 +313,14 @@ def _method(runs, cache_dir: Path, chosen: dict[str, Any] | None) -> dict[str, A
     for run in runs:
         model, _ = _model(run)
         row = {"seed": int(run.params.get("train.seed", 0)), "run_id": run.run_id, "val_f1_macro": _val(run)}
-        row.update({m: run.metrics.get(f"test_{m}", math.nan) for m in SHOWN})
+        row.update({m: run.metrics.get(f"test_{m}", math.nan) for m in (*SHOWN, *OUTSIDE)})
         row["marker_effect"] = marker_effect(model, cache_dir)
         per_seed.append(row)
-    keys = ["val_f1_macro", *SHOWN, "marker_effect"]
+    keys = ["val_f1_macro", *SHOWN, *OUTSIDE, "marker_effect"]
     return {
         "config": chosen or {},
         "first_run": runs[0],  # for the montage; not written to the JSON
+        "runs": runs,  # for the intervals; not written to the JSON
         "per_seed": per_seed,
         "summary": {k: _mean_std([r[k] for r in per_seed]) for k in keys},
     }
@@ -299,12 +342,51 @@ def _goals(res: dict[str, Any]) -> dict[str, Any]:
     def m(method, key):
         return res["methods"][method]["summary"][key]["mean"]
 
-    out = {"paper_minus_ce_f1": m("paper", "f1_macro") - m("ce", "f1_macro")}
-    for method in SEARCHED:
+    ran = [k for k in res["methods"] if k != "ce"]
+    out = {}
+    for method in ran:
         out[f"{method}_minus_ce_f1"] = m(method, "f1_macro") - m("ce", "f1_macro")
-        out[f"{method}_minus_ce_pointing"] = m(method, "pointing_game") - m("ce", "pointing_game")
-        out[f"{method}_minus_ce_marker_effect"] = m(method, "marker_effect") - m("ce", "marker_effect")
+        if method.removesuffix(LUNGS) != "paper":
+            out[f"{method}_minus_ce_pointing"] = m(method, "pointing_game") - m("ce", "pointing_game")
+            out[f"{method}_minus_ce_marker_effect"] = m(method, "marker_effect") - m("ce", "marker_effect")
+    outside = {k: v for k, v in res["methods"].items() if "outside_evidence" in v["summary"]}
+    if len(outside) >= 3 and res["condition"] == "shortcut":  # does the score rank as the marker effect?
+        from scipy.stats import spearmanr
+
+        ev = [m(k, "outside_evidence") for k in outside]
+        me = [m(k, "marker_effect") for k in outside]
+        out["spearman_outside_evidence_vs_marker_effect"] = float(spearmanr(ev, me).statistic)
     return out
+
+
+def _delta_f1(storage: Path, base_runs: list, runs: list, where: Path) -> dict[str, float]:
+    """Test macro F1 of a method's seeds − CE's seeds: a paired, stratified bootstrap over the test
+    images (the mean over seeds on each resample), as ``cxr-sweep compare`` computes it."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.results.stats import paired_bootstrap
+    from sweeps.results.stored import read_test_predictions
+    from sweeps.tracking.lookup import open_store
+
+    client = MlflowClient(open_store(base_runs[0].sweep, storage, None))
+
+    def stack(rs):
+        parts = [read_test_predictions(client, r, where / r.run_id) for r in rs]
+        return parts[0][0], parts[0][1], np.stack([p for _, _, p in parts])
+
+    b_idx, labels, b = stack(base_runs)
+    c_idx, _, c = stack(runs)
+    if not np.array_equal(b_idx, c_idx):
+        raise RuntimeError("a method and CE were tested on different images")
+    d = paired_bootstrap(labels, b, c, n_resamples=2000, seed=0)["f1_macro"]
+    return {"delta": d.delta, "low": d.low, "high": d.high, "p": d.p, "n_images": len(labels)}
+
+
+def _intervals(res: dict[str, Any], storage: Path, work: Path) -> None:
+    base = res["methods"]["ce"]["runs"]
+    for name, m in res["methods"].items():
+        if name != "ce":
+            m["delta_f1_vs_ce"] = _delta_f1(storage, base, m["runs"], work / "predictions" / name)
 
 
 # ---- one task ---------------------------------------------------------------------------------------
@@ -328,63 +410,85 @@ def _phantoms(work: Path, task: str, args, shortcut: bool) -> Path:
 
 
 def run_task(task: str, base, work: Path, args) -> dict[str, Any]:
+    from sweeps.results.select import rank_runs
+
     cache = _phantoms(work, task, args, shortcut=True)
     seeds = list(range(args.seeds))
     p = f"sc-{task}"
-    # the paper's grid once (seed 0), as the paper ran it; then CE and the chosen λ on the other seeds
-    grid = _sweep(_grid_spec(base, f"{p}-grid", cache, task, PAPER_LAMBDAS, seeds[:1]), work)
-    lam = _paper_choice(grid["runs"])
-    chosen_run = next(r for r in grid["runs"] if _lam(r) == lam)
-    sweeps, runs = [grid], list(grid["runs"])
-    if len(seeds) > 1:
-        lams = [1.0, _chosen(chosen_run)["lambda"]]
-        more = _sweep(_grid_spec(base, f"{p}-grid-seeds", cache, task, lams, seeds[1:]), work)
-        sweeps.append(more)
-        runs += more["runs"]
-    methods = {
-        "ce": _method([r for r in runs if _lam(r) == "1"], cache, {"lambda": 1.0}),
-        "paper": _method([r for r in runs if _lam(r) == lam], cache, _chosen(chosen_run)),
-    }
-    from sweeps.results.select import rank_runs
-
-    search = {"paper": _tried(grid["runs"])}
-    for method in SEARCHED:
+    methods: dict[str, Any] = {}
+    search: dict[str, Any] = {}
+    if "paper" in args.methods:
+        # the paper's grid once (seed 0), as the paper ran it; then CE and the chosen λ on the other seeds
+        grid = _sweep(_grid_spec(base, f"{p}-grid", cache, task, PAPER_LAMBDAS, seeds[:1]), work)
+        lam = _paper_choice(grid["runs"])
+        chosen_run = next(r for r in grid["runs"] if _lam(r) == lam)
+        sweeps, runs = [grid], list(grid["runs"])
+        if len(seeds) > 1:
+            lams = [1.0, _chosen(chosen_run)["lambda"]]
+            more = _sweep(_grid_spec(base, f"{p}-grid-seeds", cache, task, lams, seeds[1:]), work)
+            sweeps.append(more)
+            runs += more["runs"]
+        methods["ce"] = _method([r for r in runs if _lam(r) == "1"], cache, {"lambda": 1.0})
+        methods["paper"] = _method([r for r in runs if _lam(r) == lam], cache, _chosen(chosen_run))
+        search["paper"] = _tried(grid["runs"])
+    else:
+        ce = _sweep(_grid_spec(base, f"{p}-ce", cache, task, [1.0], seeds), work)
+        sweeps, runs = [ce], list(ce["runs"])
+        methods["ce"] = _method(runs, cache, {"lambda": 1.0})
+    if args.lung_selection:  # CE too, its epoch chosen on lung-only validation F1
+        again = _sweep(
+            _seeds_spec(
+                base, f"{p}-ce-lungsel", cache, task, "outside_mask", {"lambda": 1.0}, seeds, LUNG_METRIC
+            ),
+            work,
+        )
+        methods[f"ce{LUNGS}"] = _method(again["runs"], cache, {"lambda": 1.0})
+        sweeps.append(again)
+    for method in [m for m in SEARCHED if m in args.methods]:
         found = _sweep(_search_spec(base, f"{p}-{method}-search", cache, task, method), work)
-        best = rank_runs(found["runs"], "val_f1_macro")[0]
-        chosen = _chosen(best)
+        chosen = _chosen(rank_runs(found["runs"], "val_f1_macro")[0])
         again = _sweep(_seeds_spec(base, f"{p}-{method}-seeds", cache, task, method, chosen, seeds), work)
         methods[method] = _method(again["runs"], cache, chosen)
         search[method] = _tried(found["runs"])
         sweeps += [found, again]
+        if args.lung_selection:  # validation shares the shortcut: choose on the lung-only images too
+            chosen = _chosen(rank_runs(found["runs"], LUNG_METRIC)[0])
+            name = f"{p}-{method}-lungsel"
+            again = _sweep(_seeds_spec(base, name, cache, task, method, chosen, seeds, LUNG_METRIC), work)
+            methods[f"{method}{LUNGS}"] = _method(again["runs"], cache, chosen)
+            sweeps.append(again)
     res = {"task": task, "condition": "shortcut", "cache": str(cache), "methods": methods, "search": search}
+    _intervals(res, Path(base["storage_path"]), work)
     res["goals"] = _goals(res)
     res["sweeps"] = {s["name"]: round(s["wall_s"], 1) for s in sweeps}
-    res["paper_report"] = _report(
-        runs, work / "reports" / f"{p}-grid", f"Paper grid on shortcut phantoms ({task})"
-    )
+    if "paper" in args.methods:
+        res["paper_report"] = _report(
+            runs, work / "reports" / f"{p}-grid", f"Paper grid on shortcut phantoms ({task})"
+        )
     return res
 
 
 def run_control(task: str, base, work: Path, args, shortcut_res: dict[str, Any]) -> dict[str, Any]:
-    """The methods at the configurations validation chose with the shortcut, on clean phantoms."""
+    """The methods at the configurations validation chose with the shortcut, on clean phantoms
+    (selected on validation F1: without a shortcut, lung-only selection has nothing to avoid)."""
     cache = _phantoms(work, task, args, shortcut=False)
     seeds = list(range(args.seeds))
     p = f"clean-{task}"
-    chosen = {m: shortcut_res["methods"][m]["config"] for m in METHODS}
-    lam = chosen["paper"]["lambda"]
-    grid = _sweep(_grid_spec(base, f"{p}-grid", cache, task, [1.0, lam], seeds), work)
-    methods = {
-        "ce": _method([r for r in grid["runs"] if _lam(r) == "1"], cache, chosen["ce"]),
-        "paper": _method([r for r in grid["runs"] if _lam(r) != "1"], cache, chosen["paper"]),
-    }
+    chosen = {m: v["config"] for m, v in shortcut_res["methods"].items() if LUNGS not in m}
+    lams = [1.0, chosen["paper"]["lambda"]] if "paper" in chosen else [1.0]
+    grid = _sweep(_grid_spec(base, f"{p}-grid", cache, task, lams, seeds), work)
+    methods = {"ce": _method([r for r in grid["runs"] if _lam(r) == "1"], cache, chosen["ce"])}
+    if "paper" in chosen:
+        methods["paper"] = _method([r for r in grid["runs"] if _lam(r) != "1"], cache, chosen["paper"])
     sweeps = [grid]
-    for method in SEARCHED:
+    for method in [m for m in SEARCHED if m in chosen]:
         again = _sweep(
             _seeds_spec(base, f"{p}-{method}-seeds", cache, task, method, chosen[method], seeds), work
         )
         methods[method] = _method(again["runs"], cache, chosen[method])
         sweeps.append(again)
     res = {"task": task, "condition": "clean", "cache": str(cache), "methods": methods}
+    _intervals(res, Path(base["storage_path"]), work)
     res["goals"] = _goals(res)
     res["sweeps"] = {s["name"]: round(s["wall_s"], 1) for s in sweeps}
     return res
@@ -407,36 +511,64 @@ def _fmt(s: dict[str, float], digits: int = 3) -> str:
 
 def _cfg(c: dict[str, Any]) -> str:
     parts = []
-    for k, sym in (("lambda", "λ"), ("threshold", "t"), ("tau", "τ")):
+    for k, sym in (("lambda", "λ"), ("threshold", "t"), ("tau", "τ"), ("augment", "p")):
         if k in c:
             v = c[k]
             parts.append(f"{sym}={v}" if isinstance(v, str) else f"{sym}={v:.3g}")
     return ", ".join(parts)
 
 
+def _rows(res: dict[str, Any]) -> list[str]:
+    """The methods a result holds, in table order: each followed by its lung-selected twin."""
+    return [k for m in METHODS for k in (m, f"{m}{LUNGS}") if k in res["methods"]]
+
+
 def markdown(result: dict[str, Any]) -> str:
-    cols = [*SHOWN, "marker_effect"]
-    head = ["Macro F1", "AUC", "YI", "DP", "Pointing", "CAM in lesion", "CAM in prior", "Marker effect"]
     lines = []
     for res in result["tasks"]:
+        rows = _rows(res)
+        outside = all("outside_evidence" in res["methods"][m]["summary"] for m in rows)
+        cols = [*SHOWN, *(OUTSIDE if outside else ()), "marker_effect"]
+        head = ["Macro F1", "AUC", "YI", "DP", "Pointing", "CAM in lesion", "CAM in prior"]
+        head += ["Outside evidence", "Lung-only F1"] if outside else []
+        head += ["Marker effect"]
         what = "with the shortcut" if res["condition"] == "shortcut" else "no shortcut (control)"
         lines.append(f"#### {res['task']} — {what}")
         lines.append("")
         lines.append("| Method | Selected on validation | Val F1 | " + " | ".join(head) + " |")
         lines.append("|---" * (3 + len(head)) + "|")
-        for m in METHODS:
+        for m in rows:
             s = res["methods"][m]["summary"]
             cfg = _cfg({k: v for k, v in res["methods"][m]["config"].items() if m != "paper" or k != "tau"})
             cells = [_fmt(s[c]) for c in cols]
             lines.append(f"| {m} | {cfg} | {_fmt(s['val_f1_macro'])} | " + " | ".join(cells) + " |")
         g = res["goals"]
         lines.append("")
+        attending = [m for m in rows if m.removesuffix(LUNGS) not in ("ce", "paper")]
         lines.append(
             "Δ test macro F1 vs CE: "
-            + ", ".join(f"{m} {g[f'{m}_minus_ce_f1']:+.3f}" for m in ("paper", *SEARCHED))
+            + ", ".join(f"{m} {g[f'{m}_minus_ce_f1']:+.3f}" for m in rows if m != "ce")
             + "; Δ pointing game: "
-            + ", ".join(f"{m} {g[f'{m}_minus_ce_pointing']:+.3f}" for m in SEARCHED)
+            + ", ".join(f"{m} {g[f'{m}_minus_ce_pointing']:+.3f}" for m in attending)
         )
+        ci = [m for m in rows if "delta_f1_vs_ce" in res["methods"][m]]
+        if ci:
+            d = {m: res["methods"][m]["delta_f1_vs_ce"] for m in ci}
+            n = d[ci[0]]["n_images"]
+            lines.append("")
+            lines.append(
+                f"Δ test macro F1 vs CE, 95 % paired bootstrap interval over the {n} test images "
+                "(mean over seeds per resample): "
+                + ", ".join(
+                    f"{m} {v['delta']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for m, v in d.items()
+                )
+            )
+        if "spearman_outside_evidence_vs_marker_effect" in g:
+            lines.append("")
+            lines.append(
+                "Spearman's ρ of outside evidence and marker effect over these rows: "
+                f"{g['spearman_outside_evidence_vs_marker_effect']:+.2f}"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -480,6 +612,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optuna-trials", type=int, default=5)
     ap.add_argument("--concurrent", type=int, default=2)
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument(
+        "--methods",
+        default="ce,paper,soft,energy,energy-lsm",
+        help=f"Comma-separated, of {', '.join(METHODS)} (ce always runs).",
+    )
+    ap.add_argument(
+        "--lung-selection",
+        action="store_true",
+        help=f"A second row per method: configuration and epoch chosen on {LUNG_METRIC}.",
+    )
     ap.add_argument("--smoke", action="store_true", help="One task, tiny everything (tests).")
     ap.add_argument(
         "--render",
@@ -497,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.tasks, args.control_tasks, args.patients, args.size = "ne", "ne", 40, 64
         args.epochs, args.seeds, args.optuna_trials = 1, 2, 2
+    args.methods = ["ce", *(m for m in args.methods.split(",") if m and m != "ce")]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        ap.error(f"--methods {','.join(bad)}: not a method; valid: {', '.join(METHODS)}")
     tasks = [t for t in args.tasks.split(",") if t]
     controls = [t for t in args.control_tasks.split(",") if t]
     unknown = [t for t in controls if t not in tasks]
@@ -526,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_control(task, base, work, args, res))
         if args.montage is not None:
             first = results[0]
-            models = {f"{m} (seed 0)": _model(first["methods"][m]["first_run"])[0] for m in METHODS}
+            models = {f"{m} (seed 0)": _model(first["methods"][m]["first_run"])[0] for m in _rows(first)}
             montage(models, Path(first["cache"]), args.montage)
         result = {
             "benchmark": "shortcut",
@@ -543,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             res.pop("cache")
             for m in res["methods"].values():
                 m.pop("first_run")
+                m.pop("runs")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_json_safe(result), indent=2))
         if args.markdown is not None:

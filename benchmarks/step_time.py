@@ -22,7 +22,9 @@ through ``torch.compile``; the head and the CAM stay eager, so the soft mode's d
 (which only differentiates the head) is unaffected. Their first warm-up round's time, the
 compilation, is recorded as ``compile_s``. ``--fused`` adds ``soft_fused`` and ``paper_fused``:
 the trainer's ``train.compile_attention`` path, where only the attention term's elementwise tail
-(CAM, region masks, loss) is compiled into a few kernels.
+(CAM, region masks, loss) is compiled into a few kernels. ``--input-grad`` adds ``input_grad``:
+mode ``input_grad``, whose term differentiates log p(label) w.r.t. the input with a graph (a
+double backward through the whole network, not the head only).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ _ATTENTION = {
     "soft_ref": ({"lambda": 0.5, "mode": "soft", "cam_target": "label"}, 0.5),
 }
 _ATTENTION |= {f"{k}_fused": _ATTENTION[k] for k in ("soft", "paper")}  # train.compile_attention
+_ATTENTION["input_grad"] = ({"lambda": 0.5, "mode": "input_grad"}, 0.5)  # double backward to the input
 
 
 class StepCase:
@@ -84,6 +87,7 @@ class StepCase:
         device: str = "cpu",
         compile: bool = False,
         fused: bool = False,
+        input_grad: bool = False,
     ) -> None:
         torch.manual_seed(0)
         self.device = torch.device(device)
@@ -106,6 +110,8 @@ class StepCase:
         box = [[size // 8, size // 8, 3 * size // 4, 3 * size // 4]] * batch
         self.box = torch.tensor(box, device=self.device)  # (B, 4) x, y, w, h
         self.table = prior_table(CLASSES, DEFAULT_PRIORS).to(self.device)
+        self.region = torch.zeros(batch, 1, size, size, device=self.device)  # input_grad: the lung box
+        self.region[..., size // 8 : 7 * size // 8, size // 8 : 7 * size // 8] = 1.0
         self.kinds = ["ce", "soft", "paper"]
         if has_head_shortcut(self.model):
             self.kinds.append("soft_ref")
@@ -113,6 +119,8 @@ class StepCase:
             self.kinds += ["ce_compiled", "soft_compiled", "paper_compiled"]
         if fused:
             self.kinds += ["soft_fused", "paper_fused"]
+        if input_grad:
+            self.kinds.append("input_grad")
 
     def step(self, kind: str) -> float:
         """Seconds for one optimisation step of ``kind`` (device synchronised)."""
@@ -134,6 +142,7 @@ class StepCase:
                 self.table,
                 self.amp_dtype,
                 term=select_attention_term(kind.endswith("_fused")),
+                region=self.region if kind == "input_grad" else None,
             )
         self._sync()
         return time.perf_counter() - t0
@@ -162,8 +171,9 @@ def bench_case(
     device: str,
     compile: bool = False,
     fused: bool = False,
+    input_grad: bool = False,
 ) -> dict:
-    case = StepCase(name, size, batch, device, compile, fused)
+    case = StepCase(name, size, batch, device, compile, fused, input_grad)
     first: dict[str, float] = {}
     for _ in range(warmup):
         for kind in case.kinds:
@@ -263,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants (see above)")
     ap.add_argument("--fused", action="store_true", help="add soft_fused / paper_fused (see above)")
+    ap.add_argument("--input-grad", action="store_true", help="add input_grad (mode input_grad's step)")
     args = ap.parse_args(argv)
     if args.threads:  # 1 keeps ratios stable on a machine shared with other jobs (no OpenMP spin-waits)
         torch.set_num_threads(args.threads)
@@ -279,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(f"benchmarks/results/step_time_{'gpu' if cuda else 'cpu'}.json")
     results = []
     for name, size, batch in cases:
-        r = bench_case(name, size, batch, repeats, warmup, args.device, args.compile, args.fused)
+        r = bench_case(
+            name, size, batch, repeats, warmup, args.device, args.compile, args.fused, args.input_grad
+        )
         results.append(r)
         med = r["median_s"]
         ratios = "  ".join(f"{k} {med[k]:.3f}s ({r[f'ratio_{k}_over_ce']:.3f}x)" for k in med if k != "ce")
