@@ -31,8 +31,10 @@ Grad-CAM montage CE vs attention on the same test images and the paper-format re
 
     python benchmarks/shortcut.py --out benchmarks/results/shortcut_cpu.json \\
         --markdown benchmarks/results/shortcut_cpu.md --montage docs/shortcut_cams.png
-    python benchmarks/shortcut.py --tasks ne --methods ce,energy-lsm,input_grad,outside_mask \\
-        --lung-selection --optuna-trials 12 --out benchmarks/results/shortcut_decision_cpu.json
+    python benchmarks/shortcut.py --tasks ne --control-tasks ne --seeds 3 --optuna-trials 8 \\
+        --methods ce,energy-lsm,input_grad,outside_mask --lung-selection \\
+        --out benchmarks/results/shortcut_decision_cpu.json \\
+        --markdown benchmarks/results/shortcut_decision_cpu.md --montage docs/shortcut_decision_cams.png
     python benchmarks/shortcut.py --smoke --out /tmp/sc.json     # about a minute, for tests
 """
 
@@ -435,7 +437,8 @@ def run_task(task: str, base, work: Path, args) -> dict[str, Any]:
         ce = _sweep(_grid_spec(base, f"{p}-ce", cache, task, [1.0], seeds), work)
         sweeps, runs = [ce], list(ce["runs"])
         methods["ce"] = _method(runs, cache, {"lambda": 1.0})
-    if args.lung_selection:  # CE too, its epoch chosen on lung-only validation F1
+    if args.lung_selection:  # CE too, its epoch chosen on lung-only validation F1 (the outside_mask
+        # method's spec without its augmentation is plain CE)
         again = _sweep(
             _seeds_spec(
                 base, f"{p}-ce-lungsel", cache, task, "outside_mask", {"lambda": 1.0}, seeds, LUNG_METRIC
