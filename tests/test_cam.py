@@ -30,9 +30,13 @@ def test_matches_pytorch_grad_cam(name, layer):
     x = torch.randn(4, 3, 96, 96)
     target = torch.tensor([0, 1, 2, 1])
     _, ours = grad_cam(model, x, target)
-    ref = _oracle(model, x, target, layer(model))
+    _assert_correlates(ours, _oracle(model, x, target, layer(model)), name)
+
+
+def _assert_correlates(ours, ref, name: str) -> None:
+    """Our CAMs ``(B, 1, H, W)`` against pytorch-grad-cam's ``(B, H, W)``: r ≥ 0.99 on at least two images."""
     compared = 0
-    for i in range(len(x)):
+    for i in range(len(ref)):
         a, b = ours[i, 0].detach().numpy().ravel(), ref[i].ravel()
         if a.std() == 0 or b.std() == 0:  # ReLU removed everything: both must agree on that
             assert a.max() == pytest.approx(0, abs=1e-6) and b.max() == pytest.approx(0, abs=1e-6)
@@ -231,17 +235,7 @@ def test_the_previous_layer_matches_pytorch_grad_cam_there(name, layer):
     x = torch.randn(4, 3, 96, 96)
     target = torch.tensor([0, 1, 2, 1])
     _, ours = grad_cam(model, x, target, layer="previous")
-    ref = _oracle(model, x, target, layer(model))
-    compared = 0
-    for i in range(len(x)):
-        a, b = ours[i, 0].detach().numpy().ravel(), ref[i].ravel()
-        if a.std() == 0 or b.std() == 0:
-            assert a.max() == pytest.approx(0, abs=1e-6) and b.max() == pytest.approx(0, abs=1e-6)
-            continue
-        r = np.corrcoef(a, b)[0, 1]
-        assert r >= 0.99, f"{name} image {i}: correlation {r:.4f}"
-        compared += 1
-    assert compared >= 2
+    _assert_correlates(ours, _oracle(model, x, target, layer(model)), name)
 
 
 def test_the_previous_layer_is_differentiable_in_training_and_plain_in_evaluation():
