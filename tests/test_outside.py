@@ -159,10 +159,12 @@ def test_outside_evidence_is_zero_for_a_lung_reader_and_large_for_a_marker_reade
     x, lung, labels, _ = marker_val
     lungs = _scores(_ReadsWindow(mask=lung), x, lung, labels, fill)
     assert lungs["outside_evidence"] == 0.0  # the lung pixels are kept exactly: nothing changes
+    assert lungs["outside_dependence"] == 0.0
     ys, xs = shortcut._marker_slices(64)
     marker = _scores(_ReadsWindow(ys, xs), x, lung, labels, fill)
     # a blur keeps a compact marker's coarse brightness: it removes less of the shortcut than mean or noise
     assert marker["outside_evidence"] > (0.08 if fill == "blur" else 0.3)
+    assert marker["outside_dependence"] >= marker["outside_evidence"]
     assert 0.0 <= marker["inside_only_accuracy"] <= 1.0 and 0.0 <= marker["inside_only_f1_macro"] <= 1.0
 
 
@@ -207,7 +209,7 @@ def test_the_new_guidance_trains_through_the_cli_and_logs_the_outside_scores(set
     (run,) = client.search_runs([client.get_experiment_by_name("outside").experiment_id])
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    for name in ("outside_evidence", "inside_only_accuracy", "inside_only_f1_macro"):
+    for name in ("outside_evidence", "outside_dependence", "inside_only_accuracy", "inside_only_f1_macro"):
         assert f"test_{name}" in m and f"best_val_{name}" in m, name
         assert len(client.get_metric_history(run.info.run_id, f"val_{name}")) == 2
     assert -1.0 <= m["test_outside_evidence"] <= 1.0
@@ -231,3 +233,15 @@ def test_outside_evidence_is_a_selection_metric_and_a_sweep_objective():
         {"data": {"cache": "x"}, "train": {"selection_metric": "val_inside_only_f1_macro"}}
     )
     assert cfg.train.selection_metric == "val_inside_only_f1_macro"
+
+
+def test_outside_dependence_does_not_cancel_where_the_shortcut_is_independent_of_the_label():
+    """A marker on one finding and one No Finding image: erasing it lowers P(true) on the first and
+    raises it on the second. The signed score cancels to 0; the dependence does not."""
+    p_full = torch.tensor([[0.1, 0.9], [0.2, 0.8]])  # the marker says "finding" on both
+    p_in = torch.tensor([[0.5, 0.5], [0.6, 0.4]])  # without it the model is unsure
+    scores = OutsideScores()
+    scores.update(p_full, p_in, torch.tensor([1, 0]))
+    out = scores.compute(2)
+    assert out["outside_evidence"] == pytest.approx(0.0, abs=1e-7)
+    assert out["outside_dependence"] == pytest.approx(0.4)

@@ -82,7 +82,14 @@ def test_shortcut_smoke_selects_on_validation_and_writes_everything(tmp_path):
     sc, clean = r["tasks"]
     assert (sc["condition"], clean["condition"]) == ("shortcut", "clean")
     for res in (sc, clean):
-        for m in shortcut.METHODS:
+        assert list(res["methods"]) == [
+            "ce",
+            "paper",
+            "soft",
+            "energy",
+            "energy-lsm",
+        ]  # the default --methods
+        for m in res["methods"]:
             seeds = [row["seed"] for row in res["methods"][m]["per_seed"]]
             assert seeds == [0, 1], (res["condition"], m, seeds)
             assert res["methods"][m]["summary"]["f1_macro"]["n"] == 2
@@ -97,11 +104,23 @@ def test_shortcut_smoke_selects_on_validation_and_writes_everything(tmp_path):
         # the control reuses the configuration validation chose with the shortcut
         assert clean["methods"][mode]["config"] == sc["methods"][mode]["config"]
     g = sc["goals"]
-    f1 = {m: sc["methods"][m]["summary"]["f1_macro"]["mean"] for m in shortcut.METHODS}
+    f1 = {m: sc["methods"][m]["summary"]["f1_macro"]["mean"] for m in sc["methods"]}
     assert g["soft_minus_ce_f1"] == pytest.approx(f1["soft"] - f1["ce"])
     text = md.read_text()
     assert "no shortcut (control)" in text and "cxr-sweep report of sc-ne-grid" in text
     assert png.stat().st_size > 10_000
+    # the outside scores of every seed's model, again, on validation and test: the test split's
+    # signed score is the one the trials logged
+    import outside_rank
+
+    rank = tmp_path / "rank.json"
+    assert outside_rank.main(["--result", str(out), "--work", str(tmp_path / "w"), "--out", str(rank)]) == 0
+    rows = json.loads(rank.read_text())["rows"]
+    assert set(rows) == set(sc["methods"])
+    for m, row in rows.items():
+        logged = sc["methods"][m]["summary"]["outside_evidence"]["mean"]
+        assert row["test_outside_evidence"] == pytest.approx(logged, abs=1e-4), m
+        assert row["test_outside_dependence"] >= abs(row["test_outside_evidence"]) - 1e-9
 
 
 @pytest.mark.parametrize("run", ["shortcut_cpu", "shortcut_decision_cpu"])

@@ -8,6 +8,10 @@ without knowing what the shortcut is:
 
 * ``outside_evidence``: the mean over images of P(true class | image) − P(true class | lung-only
   image). 0 for a model that reads only the lungs; large for one that reads the marker.
+* ``outside_dependence``: the mean of |P(true class | image) − P(true class | lung-only image)|.
+  The signed score cancels where a shortcut is independent of the label (a decorrelated test set:
+  erasing the marker lowers P(true) on the findings that carry it and raises it on the No Finding
+  images that carry it); this one does not.
 * ``inside_only_accuracy`` and ``inside_only_f1_macro``: accuracy and macro F1 on the lung-only
   images (arg-max decisions).
 
@@ -89,7 +93,7 @@ class OutsideScores:
     """``outside_evidence`` and the lung-only metrics, gathered over evaluation batches.
 
     ``update(p_full, p_inside, labels)``: class probabilities ``(B, K)`` of the images as they are
-    and of their lung-only versions. ``compute()`` returns the three scores.
+    and of their lung-only versions. ``compute()`` returns the four scores.
     """
 
     def __init__(self) -> None:
@@ -100,7 +104,7 @@ class OutsideScores:
     def update(self, p_full: torch.Tensor, p_inside: torch.Tensor, labels: torch.Tensor) -> None:
         rows = labels.long()[:, None]
         drop = p_full.float().gather(1, rows) - p_inside.float().gather(1, rows)  # (B, 1)
-        self._drops.append(drop.squeeze(1).double())
+        self._drops.append(drop.squeeze(1).double())  # signed: the dependence is its magnitude
         self._inside.append(p_inside.float().argmax(1))
         self._labels.append(labels.long())
 
@@ -113,6 +117,7 @@ class OutsideScores:
         pred = torch.cat(self._inside).cpu().numpy()
         return {
             "outside_evidence": float(torch.cat(self._drops).mean()),
+            "outside_dependence": float(torch.cat(self._drops).abs().mean()),
             "inside_only_accuracy": float(accuracy_score(y, pred)),
             "inside_only_f1_macro": float(
                 f1_score(y, pred, labels=list(range(num_classes)), average="macro", zero_division=0)

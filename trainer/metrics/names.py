@@ -41,7 +41,9 @@ METRIC_NAMES: tuple[str, ...] = (
 LOCALIZATION_METRICS: tuple[str, ...] = ("pointing_game", "cam_in_region")
 
 #: What the decision reads outside the lungs (trainer/outside.py), logged unless ``outside.score`` is off.
-OUTSIDE_METRICS: tuple[str, ...] = ("outside_evidence", "inside_only_accuracy", "inside_only_f1_macro")
+OUTSIDE_METRICS: tuple[str, ...] = (
+    "outside_evidence", "outside_dependence", "inside_only_accuracy", "inside_only_f1_macro"
+)  # fmt: skip
 
 #: Logged beside the contract metrics for validation and test: the Youden-optimal threshold and
 #: index, the training objective and its two parts, and the CAM share inside the prior region.
@@ -102,6 +104,7 @@ METRICS: dict[str, Metric] = {
     "pointing_game": Metric("Pointing game", "pointing", _UP),
     "cam_in_region": Metric("CAM in lesion", "CAM in", _UP),
     "outside_evidence": Metric("Outside evidence (P drop, lungs only)", "outside", _DOWN),
+    "outside_dependence": Metric("Outside dependence (|P change|, lungs only)", "outside |Δ|", _DOWN),
     "inside_only_accuracy": Metric("Accuracy on lung-only images", "acc lungs", _UP),
     "inside_only_f1_macro": Metric("F1 (macro) on lung-only images", "F1 lungs", _UP),
     "cam_zero_fraction": Metric("Share of all-zero CAMs", "CAM 0", _DOWN),
