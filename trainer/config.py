@@ -297,9 +297,10 @@ class OutsideConfig(_Strict):
 
     score: bool = Field(
         True,
-        description="Log outside_evidence, inside_only_accuracy and inside_only_f1_macro: the model asked "
-        "again with everything outside the dilated lung mask replaced by `fill` (validation every epoch, "
-        "test at the end; one more forward pass per evaluated image).",
+        description="Log outside_evidence, outside_dependence, inside_only_accuracy and "
+        "inside_only_f1_macro: the model asked again with everything outside the dilated lung mask "
+        "replaced by `fill` (validation every epoch, test at the end; one more forward pass per "
+        "evaluated image).",
     )
     subset: int = Field(
         0, ge=0, description="Score the first N validation images each epoch (0 = all); test: always all."
