@@ -65,7 +65,7 @@ def test_every_default_region_matches_the_authors_slicing(seed):
 # ---- 2. one direction per logged metric --------------------------------------------------------------
 
 LOWER = {"fdr", "for", "loss", "ce", "attention_loss", "cam_zero_fraction", "epoch_time_s"}
-LOWER |= {"epoch_train_s", "epoch_val_s"}
+LOWER |= {"epoch_train_s", "epoch_val_s", "outside_evidence", "outside_dependence"}
 NOT_A_SCORE = {"youden_threshold", "grad_ratio", "lambda", "lr", "epoch", "best_epoch", "epochs_run"}
 
 
@@ -112,7 +112,7 @@ def _scripted(monkeypatch, values: list[dict[str, float]]):
 
     real, calls = loop.evaluate, []
 
-    def fake(model, loader, prep, cfg, table, amp, lam, keep_examples=0):
+    def fake(model, loader, prep, cfg, table, amp, lam, keep_examples=0, outside_limit=0):
         out = real(model, loader, prep, cfg, table, amp, lam, keep_examples)
         if keep_examples == 0:  # validation (the test pass keeps examples)
             out["metrics"] |= values[min(len(calls), len(values) - 1)]
