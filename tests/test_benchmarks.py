@@ -109,6 +109,19 @@ def test_compare_time_smoke(tmp_path):
     assert report["results"][0]["median_s"] > 0
 
 
+def test_compare_time_cli_smoke(tmp_path):
+    import compare_time
+
+    out = tmp_path / "ct.json"
+    args = ["--cli", "--images", "50", "--resamples", "200", "--repeats", "1", "--out", str(out)]
+    assert compare_time.main(args) == 0
+    report = json.loads(out.read_text())
+    assert [(r["classes"], r["seeds"]) for r in report["results"]] == [(2, 1), (3, 1), (2, 3)]  # kept
+    cli = report["cli"]
+    assert (cli["images"], cli["resamples"], len(cli["seconds"])) == (50, 200, 1)
+    assert cli["median_s"] > 0 and cli["verdict"].startswith("soft λ=0.5 [t_00001]: ΔF1")
+
+
 @pytest.mark.slow
 def test_repeats_overhead_smoke(tmp_path):
     import repeats_overhead

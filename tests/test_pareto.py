@@ -39,6 +39,77 @@ def test_minimised_objective_front():
     assert pareto_front(pts, [True, False]) == [0, 1, 2]
 
 
+def _config_run(name: str, lam: str, f1: tuple[float, ...], pg: tuple[float, ...]):
+    """A configuration run as a repeated sweep logs it: the mean over seeds of each ``best_val_*``,
+    with its 95 % interval (``_ci_low`` / ``_ci_high``) where given as (mean, low, high)."""
+    from sweeps.tracking.lookup import RunRow
+
+    metrics = {}
+    for key, values in (("best_val_f1_macro", f1), ("best_val_pointing_game", pg)):
+        metrics[key] = values[0]
+        if len(values) == 3:
+            metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = values[1:]
+    params = {"attention.lambda": lam, "data.task": "ne", "model.backbone": "resnet18"}
+    return RunRow(name, name, "demo", "demo", name, "FINISHED", params, metrics, {"cxr.repeats": "3"})
+
+
+def test_the_front_chart_draws_each_configurations_interval_over_seeds(tmp_path, monkeypatch):
+    from matplotlib.container import ErrorbarContainer
+
+    from sweeps.results import front
+
+    runs = [
+        _config_run("ce", "1.0", (0.70, 0.66, 0.75), (0.40, 0.31, 0.47)),  # dominated by a and b
+        _config_run("a", "0.5", (0.85, 0.80, 0.88), (0.50, 0.44, 0.58)),  # front
+        _config_run("b", "adaptive", (0.75, 0.70, 0.79), (0.70, 0.61, 0.77)),  # front
+        _config_run("c", "0.25", (0.60, 0.52, 0.66), (0.55, 0.50, 0.62)),  # dominated by b
+        _config_run("d", "0.75", (0.65,), (0.45,)),  # no interval (e.g. one seed): a point, no bars
+    ]
+    drawn = []
+    save = front.save_png
+    monkeypatch.setattr(front, "save_png", lambda fig, path: drawn.append(fig) or save(fig, path))
+    png = front.front_chart(runs, ["val_f1_macro", "val_pointing_game"], tmp_path / "pareto.png")
+    assert png == tmp_path / "pareto.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*"))
+    (ax,) = drawn[0].axes
+    assert ax.get_title() == "2 of 5 configurations on the front; bars: 95 % interval over seeds"
+    points = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(points) == len(runs)
+    for run, point in zip(runs, points, strict=True):  # drawn in the order given
+        data, _, bars = point.lines
+        x, y = run.metrics["best_val_f1_macro"], run.metrics["best_val_pointing_game"]
+        assert (data.get_xdata()[0], data.get_ydata()[0]) == pytest.approx((x, y))
+        if run.run_id == "d":
+            assert not point.has_xerr and not point.has_yerr and bars == ()
+            continue
+        assert point.has_xerr and point.has_yerr
+        spans = {}
+        for collection in bars:
+            ((x0, y0), (x1, y1)) = collection.get_segments()[0]
+            spans["x" if y0 == y1 else "y"] = sorted((x0, x1)) if y0 == y1 else sorted((y0, y1))
+        for axis, key in (("x", "best_val_f1_macro"), ("y", "best_val_pointing_game")):
+            want = [run.metrics[f"{key}_ci_low"], run.metrics[f"{key}_ci_high"]]
+            assert spans[axis] == pytest.approx(want), (run.run_id, axis)
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "Pareto front"]
+    assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == [(0.75, 0.70), (0.85, 0.50)]
+    assert any(t.get_text() == "CE (λ = 1)" for t in ax.texts)
+
+    drawn.clear()  # a single-seed sweep: no interval to draw, and the title does not promise one
+    single = [
+        _config_run(
+            r.run_id,
+            r.params["attention.lambda"],
+            (r.metrics["best_val_f1_macro"],),
+            (r.metrics["best_val_pointing_game"],),
+        )
+        for r in runs
+    ]
+    front.front_chart(single, ["val_f1_macro", "val_pointing_game"], tmp_path / "single.png")
+    (ax,) = drawn[0].axes
+    assert "bars" not in ax.get_title()
+    assert not any(c.has_xerr or c.has_yerr for c in ax.containers if isinstance(c, ErrorbarContainer))
+
+
 @pytest.mark.parametrize(
     ("sets", "expected"),
     [

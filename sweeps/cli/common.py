@@ -45,8 +45,9 @@ err_console = Console(stderr=True)
 
 
 def fail(msg: str) -> typer.Exit:
-    """Print ``msg`` as one error line; the caller raises the returned exit (code 2)."""
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    """Print ``msg`` as one error line; the caller raises the returned exit (code 2). ``msg`` is
+    plain text: a run name's ``[trial id]`` is printed as it is, never read as Rich markup."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
     return typer.Exit(code=EXIT_USER_ERROR)
 
 

@@ -21,7 +21,6 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from trainer.config import TrialConfig
-from trainer.data.cache import SHAREABLE_ACCESS, read_header
 
 __all__ = [
     "CAM_ZERO_TAG",
@@ -153,6 +152,8 @@ def log_predictions(client: MlflowClient, run_id: str, path: str | Path) -> None
 
 def log_plots(client: MlflowClient, run_id: str, paths: Iterable[str | Path], data_access: str) -> None:
     """Upload plot PNGs under ``plots/``; Grad-CAM overlays (patient images) only for shareable data."""
+    from trainer.data.cache import SHAREABLE_ACCESS  # here: trainer.data.cache loads PyTorch (seconds)
+
     for p in map(Path, paths):
         if p.name.startswith("gradcam") and data_access not in SHAREABLE_ACCESS:
             continue  # patient images never leave the cluster unless public/synthetic
@@ -171,6 +172,8 @@ def search_config_tag(config: dict[str, Any]) -> dict[str, str]:
 
 def dataset_tags(cfg: TrialConfig) -> dict[str, str]:
     """The trial's dataset identity as tags: the cache's content hash and access level (model cards)."""
+    from trainer.data.cache import read_header
+
     header = read_header(cfg.data.cache)
     if not header:
         return {}
