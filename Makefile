@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv develop demo test test-fast lint format bench bench-gpu shortcut clean help
+.PHONY: venv develop demo test test-fast lint format bench bench-gpu shortcut images stack-test clean help
 
 help:
 	@echo "make demo       phantoms -> lung U-Net -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
@@ -18,6 +18,8 @@ help:
 	@echo "make bench      CPU benchmarks (under 10 min) -> benchmarks/results/*.json"
 	@echo "make bench-gpu  GPU benchmarks (~7 min on one H100/H200) -> benchmarks/results/*_gpu*.json"
 	@echo "make shortcut   does the attention loss beat a shortcut? (~20 min on 2 CPU cores; docs/results.md)"
+	@echo "make images     build the stack's images (docker/build.sh: BASE_IMAGE, CA_BUNDLE, PIP_INDEX_URL ...)"
+	@echo "make stack-test the compose stack for real: build, up, a sweep with faults, export, down (Docker)"
 	@echo "venv: $(VENV)"
 
 $(STAMP): pyproject.toml
@@ -75,6 +77,14 @@ bench-gpu: develop
 shortcut: develop
 	$(BIN)/python benchmarks/shortcut.py --out benchmarks/results/shortcut_cpu.json \
 		--markdown benchmarks/results/shortcut_cpu.md --montage docs/shortcut_cams.png
+
+# The cluster stack's images (docker/Dockerfile; settings in docker/build.sh), and the stack brought up
+# for real by tests/stack/ (a Docker daemon: .ci/setup.d/docker.sh installs and starts one as root)
+images:
+	bash docker/build.sh
+
+stack-test: develop
+	$(BIN)/python -m pytest tests/stack -v $(PYTEST_ARGS)
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache *.egg-info

