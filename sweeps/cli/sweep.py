@@ -1,4 +1,5 @@
-"""Sweep commands of ``cxr-sweep``: ``sweep run``, ``sweep resume`` and ``sweep status``."""
+"""Sweep commands of ``cxr-sweep``: ``sweep run``, ``resume`` and ``status``, and for a cluster reached
+from a workstation through Ray's Jobs API, ``sweep submit``, ``logs`` and ``stop``."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from .live import LiveSweep
 
 __all__ = ["sweep_app"]
 
-sweep_app = typer.Typer(help="Ray Tune sweeps: run, resume, status.", no_args_is_help=True)
+sweep_app = typer.Typer(
+    help="Ray Tune sweeps: run, resume, status; submit, logs, stop.", no_args_is_help=True
+)
 
 _SMOKE = ["trial.train.epochs=1"]
 
@@ -123,13 +126,87 @@ def sweep_resume(
 def sweep_status(
     name: Annotated[str, typer.Argument(help="Sweep name (or its directory).")],
     storage: Annotated[Path | None, typer.Option(help="The sweep's storage_path.")] = None,
+    address: _JobsAddress = None,
 ) -> None:
-    """Show the trials of a sweep: state, params, best metric, GPU."""
+    """Show the trials of a sweep: state, params, best metric, GPU (with --address: its job's state
+    and latest progress, from the cluster)."""
+    if address:
+        from ..driver.jobs import job_logs
+
+        with user_errors():
+            job, log = job_logs(name, address)
+        console.print(
+            f"sweep {name}: job {job.submission_id} {job.status} {job.message}".rstrip(), soft_wrap=True
+        )
+        lines = [ln for ln in log.splitlines() if ln.strip()]
+        progress = [ln for ln in lines if ln.startswith(f"sweep {name}")]
+        tail = lines[lines.index(progress[-1]) :] if progress else lines[-5:]
+        console.print("\n".join(tail[:40]), markup=False, highlight=False, soft_wrap=True)
+        return
     from ..driver.status import read_status
 
     with user_errors():
         spec, rows = read_status(name, storage=storage)
     _print_sweep(rows, spec.name, len(rows), spec.mode)
+
+
+_JobsAddress = Annotated[
+    str | None, typer.Option(help="The Ray dashboard of the cluster: http://HEAD:8265 (Jobs API).")
+]
+
+
+@sweep_app.command("submit")
+def sweep_submit(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML; its paths are the cluster's.")],
+    address: Annotated[str, typer.Option(help="The Ray dashboard of the cluster: http://HEAD:8265.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a sweep field: key.sub=value (repeatable).")
+    ] = None,
+    smoke: Annotated[bool, typer.Option(help="One epoch per trial and at most 2 samples.")] = False,
+) -> None:
+    """Run a sweep's driver on the cluster as a Ray job: it goes on when this machine sleeps."""
+    from ..driver.jobs import submit_sweep
+
+    extra = [*_SMOKE, "num_samples=1" if _is_grid(space) else "num_samples=2"] if smoke else []
+    with user_errors():
+        job = submit_sweep(space, address, overrides=list(set_ or []), smoke=extra)
+    console.print(f"submitted sweep {job.sweep} as job {job.submission_id}", soft_wrap=True)
+    for verb in ("logs", "status", "stop"):
+        console.print(
+            f"  cxr-sweep sweep {verb} {job.sweep} --address {address}", markup=False, soft_wrap=True
+        )
+
+
+@sweep_app.command("logs")
+def sweep_logs(
+    name: Annotated[str, typer.Argument(help="Sweep name.")],
+    address: Annotated[str, typer.Option(help="The Ray dashboard of the cluster: http://HEAD:8265.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+) -> None:
+    """The driver's output of a submitted sweep (its newest job)."""
+    from ..driver.jobs import follow_logs, job_logs
+
+    with user_errors():
+        if not follow:
+            console.print(job_logs(name, address)[1], end="", markup=False, highlight=False, soft_wrap=True)
+            return
+        for chunk in follow_logs(name, address):
+            console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+
+
+@sweep_app.command("stop")
+def sweep_stop(
+    name: Annotated[str, typer.Argument(help="Sweep name.")],
+    address: Annotated[str, typer.Option(help="The Ray dashboard of the cluster: http://HEAD:8265.")],
+) -> None:
+    """Stop a submitted sweep as a Ctrl-C would: its trials end, and `sweep resume` continues it."""
+    from ..driver.jobs import stop_job
+
+    with user_errors():
+        job = stop_job(name, address)
+    console.print(
+        f"stopping sweep {name} (job {job.submission_id}); continue it with `sweep resume` on the cluster"
+    )
 
 
 def _print_sweep(rows: list[dict[str, Any]], name: str, top: int, mode: str = "max") -> None:
