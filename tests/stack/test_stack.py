@@ -110,6 +110,7 @@ class Stack:
         self.compose_cmd = compose_cli(env)
         self.ports = {k: free_port() for k in ("mlflow", "dashboard", "client", "s3")}
         self.passwords = {k: secrets.token_hex(12) for k in ("postgres", "admin", "user", "s3")}
+        self.ray_token = secrets.token_hex(32)
         self.file = workdir / "compose.yaml"
         self.env_file = workdir / ".env"
         self.timings: dict[str, float] = {}
@@ -139,7 +140,7 @@ class Stack:
             "MLFLOW_PORT": str(self.ports["mlflow"]),
             "RAY_DASHBOARD_PORT": str(self.ports["dashboard"]),
             "RAY_CLIENT_PORT": str(self.ports["client"]),
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_AUTH_TOKEN": self.ray_token,
             "CXR_IMAGE": images["worker"],
             "CXR_MLFLOW_IMAGE": images["mlflow"],
         }
@@ -216,15 +217,15 @@ class Stack:
             method, f"{self.url}/api/2.0/mlflow/{endpoint}", auth=auth or None, timeout=60, **kw
         )
 
-    def runs(self) -> list[dict]:
-        exp = self.api("GET", "experiments/get-by-name", params={"experiment_name": SWEEP})
+    def runs(self, sweep: str = SWEEP) -> list[dict]:
+        exp = self.api("GET", "experiments/get-by-name", params={"experiment_name": sweep})
         if exp.status_code != 200:
             return []
         body = {"experiment_ids": [exp.json()["experiment"]["experiment_id"]], "max_results": 1000}
         return self.api("POST", "runs/search", json=body).json().get("runs", [])
 
 
-def _build(env: dict[str, str]) -> dict[str, str]:
+def build_images(env: dict[str, str]) -> dict[str, str]:
     """Both project images (docker/build.sh), then the test's stand-ins on top of them."""
     # fixed tags, kept after the test: the next run (CI on the same machine) rebuilds only what changed
     images = {k: f"cxr-stack-test/{k}:latest" for k in ("worker", "mlflow", "postgres", "s3")}
@@ -258,7 +259,7 @@ def stack(tmp_path_factory):
         pytest.skip(f"no Docker daemon answers ({why}); .ci/setup.d/docker.sh installs and starts one")
     st = Stack(tmp_path_factory.mktemp("stack"), env)
     start = time.monotonic()
-    st.images = _build(env)
+    st.images = build_images(env)
     st.timings["build_s"] = time.monotonic() - start
     st.write(st.images)
     try:
@@ -316,8 +317,8 @@ def test_the_images_are_what_they_claim(stack):
     assert no_torch.returncode != 0  # the tracking server's image stays small
 
 
-def _children(stack: Stack) -> list[dict]:
-    return [r for r in stack.runs() if _tags(r).get("cxr.kind") == "trial"]
+def _children(stack: Stack, sweep: str = SWEEP) -> list[dict]:
+    return [r for r in stack.runs(sweep) if _tags(r).get("cxr.kind") == "trial"]
 
 
 def _tags(run: dict) -> dict[str, str]:
@@ -340,19 +341,23 @@ def _wait(what: str, check, timeout: float, every: float = 2.0):
         time.sleep(every)
 
 
-def _sweep_cmd(name: str, trials: int) -> list[str]:
-    sets = {
+def sweep_cmd(name: str, trials: int) -> list[str]:
+    args = [a for k, v in sweep_sets(name, trials).items() for a in ("--set", f"{k}={v}")]
+    return ["cxr-sweep", "sweep", "run", "/opt/cxr/search_spaces/demo.yaml", "--address", "auto", *args]
+
+
+def sweep_sets(name: str, trials: int, epochs: int = EPOCHS) -> dict[str, str]:
+    return {
         "name": name,
         "storage_path": "/shared/sweeps",
         "trial.data.cache": "/shared/data/cache/ne",
         "trial.model.backbone": "test_resnet",
-        "trial.train.epochs": str(EPOCHS),
+        "trial.train.epochs": str(epochs),
+        "trial.train.early_stop_patience": str(epochs),  # every epoch trained: the history check is exact
         "num_samples": str(trials),
         "scheduler.type": "fifo",  # every trial trains every epoch: the history check below is exact
         "max_failures": "3",
     }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    return ["cxr-sweep", "sweep", "run", "/opt/cxr/search_spaces/demo.yaml", "--address", "auto", *args]
 
 
 def _restored_trials(stack: Stack, name: str) -> dict[str, list[tuple[int, int]]]:
@@ -368,9 +373,9 @@ def _restored_trials(stack: Stack, name: str) -> dict[str, list[tuple[int, int]]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _check_sweep(stack: Stack, name: str, trials: int) -> list[dict]:
+def _check_sweep(stack: Stack, name: str, trials: int, epochs: int = EPOCHS) -> list[dict]:
     """One finished parent, one finished run per trial, each epoch logged exactly once."""
-    runs = stack.runs() if name == SWEEP else []
+    runs = stack.runs(name)
     parents = [r for r in runs if _tags(r).get("cxr.kind") == "sweep"]
     children = [r for r in runs if _tags(r).get("cxr.kind") == "trial"]
     assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED", [p["info"] for p in parents]
@@ -379,20 +384,26 @@ def _check_sweep(stack: Stack, name: str, trials: int) -> list[dict]:
     for child in children:
         assert child["info"]["status"] == "FINISHED", child["info"]
         assert _tags(child)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
-        assert _history(stack, child["info"]["run_id"]) == list(range(EPOCHS)), child["info"]["run_name"]
+        assert _history(stack, child["info"]["run_id"]) == list(range(epochs)), child["info"]["run_name"]
     return children
 
 
-def test_a_sweep_in_the_stack_survives_a_lost_worker_and_a_tracking_server_restart(stack):
+@pytest.fixture(scope="module")
+def phantoms(stack):
+    """Phantoms and their dataset cache, written inside the stack (on the shared volume)."""
     stack.exec(
         "ray-head", "cxr-sweep", "phantoms", "--out", "/shared/data/phantoms", "--task", "ne",
         "--patients", "80", "--size", "64", "--cache", "/shared/data/cache/ne",
     )  # fmt: skip
+    return "/shared/data/cache/ne"
+
+
+def test_a_sweep_in_the_stack_survives_a_lost_worker_and_a_tracking_server_restart(stack, phantoms):
     log = (stack.workdir / "sweep.log").open("w")
     cmd = [*stack.compose_cmd, "-p", PROJECT, "-f", str(stack.file), "--env-file", str(stack.env_file)]
     start = time.monotonic()
     driver = subprocess.Popen(
-        [*cmd, "exec", "-T", "ray-head", *_sweep_cmd(SWEEP, TRIALS)], stdout=log, stderr=log
+        [*cmd, "exec", "-T", "ray-head", *sweep_cmd(SWEEP, TRIALS)], stdout=log, stderr=log
     )
     try:
         # mid-sweep: a trial has logged two epochs and has more to train. Two: Ray registers an epoch's
@@ -467,6 +478,57 @@ def test_a_sweep_in_the_stack_survives_a_lost_worker_and_a_tracking_server_resta
     for auth in (False, (USER, "wrong-password")):
         refused = stack.api("POST", "runs/search", auth=auth, json={"experiment_ids": [exp_id]})
         assert refused.status_code == 401, refused.text
+
+
+def test_a_submitted_sweep_stopped_then_cut_by_a_head_restart_is_finished_by_resume(stack, phantoms):
+    """From the host through Ray's Jobs API (token auth): submit, status, stop as a Ctrl-C, logs; then
+    `sweep resume` on the head, cut short by a restart of the head container, and resumed again."""
+    name = "stack-submitted"
+    address = f"http://127.0.0.1:{stack.ports['dashboard']}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack.ray_token}
+    cli = str(Path(sys.executable).with_name("cxr-sweep"))
+
+    def host(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        out = subprocess.run([cli, "sweep", *args], capture_output=True, text=True, env=env, timeout=timeout)
+        assert out.returncode == 0, f"sweep {args[0]}: exit {out.returncode}\n{out.stdout}\n{out.stderr}"
+        return out
+
+    def epochs_logged() -> int:
+        return sum(len(_history(stack, c["info"]["run_id"])) for c in _children(stack, name))
+
+    # long enough to be stopped, resumed and cut again before it ends: epochs take a few seconds here
+    epochs = 10
+    sets = [a for k, v in sweep_sets(name, 2, epochs).items() for a in ("--set", f"{k}={v}")]
+    start = time.monotonic()
+    submitted = host("submit", str(ROOT / "search_spaces/demo.yaml"), "--address", address, *sets)
+    assert f"submitted sweep {name} as job cxr-sweep-{name}-" in submitted.stdout
+    _wait("an epoch of the submitted sweep", lambda: epochs_logged() > 0, timeout=600)
+    assert " RUNNING" in host("status", name, "--address", address).stdout.splitlines()[0]
+    host("stop", name, "--address", address)
+    _wait("the job stopped", lambda: "STOPPED" in host("status", name, "--address", address).stdout, 300)
+    log = host("logs", name, "--address", address).stdout
+    assert epochs_logged() < 2 * epochs, "the stop came after the sweep's end: nothing left to resume"
+    assert f"interrupted: continue with cxr-sweep sweep resume {name}" in " ".join(log.split()), log[-3000:]
+
+    # resume on the head; the head container restarts under it (its driver and Ray's GCS with it)
+    resume = ["cxr-sweep", "sweep", "resume", name, "--storage", "/shared/sweeps", "--address", "auto"]
+    cmd = [*stack.compose_cmd, "-p", PROJECT, "-f", str(stack.file), "--env-file", str(stack.env_file)]
+    before = epochs_logged()
+    log = (stack.workdir / "resume.log").open("w")
+    driver = subprocess.Popen([*cmd, "exec", "-T", "ray-head", *resume], stdout=log, stderr=log)
+    try:
+        _wait("an epoch after the resume", lambda: epochs_logged() > before, timeout=600)
+        stack.compose("restart", "ray-head")
+        assert driver.wait(timeout=120) != 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    stack.wait_nodes(2, timeout=300)  # the worker lost its head: its container restarts and rejoins
+    done = stack.exec("ray-head", *resume, timeout=1200)
+    stack.timings["submitted_stopped_cut_resumed_s"] = time.monotonic() - start
+    assert f"sweep {name}: 2 done" in done.stdout, done.stdout[-3000:]
+    _check_sweep(stack, name, 2, epochs)
 
 
 def test_export_inside_the_stack_and_predict_on_the_host(stack, tmp_path):
