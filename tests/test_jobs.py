@@ -42,7 +42,7 @@ def test_submit_refuses_paths_that_would_resolve_in_the_jobs_scratch_folder(sets
     demo = ROOT / "search_spaces/demo.yaml"  # storage_path and the cache are relative to it
     result = runner.invoke(app, ["sweep", "submit", str(demo), "--address", "http://127.0.0.1:1", *sets])
     line = _one_error_line(result)
-    assert f"{field}: " in line and "is relative" in line and "--set " in line, line
+    assert f"{field}: " in line and "is relative" in line and f"--set {field}={jobs.EXAMPLES[field]}" in line
 
 
 def test_submit_checks_the_file_before_it_reaches_for_the_cluster():

@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from trainer.dotted import load_yaml_mapping
 from trainer.errors import ConfigError, UserError
@@ -63,8 +62,11 @@ def _client(address: str):
         raise UserError(f"--address {address}: no Ray dashboard answers there: {first}") from None
 
 
-def _cluster_paths(space_file: Path, overrides: list[str]) -> dict[str, Any]:
-    """The file with the overrides applied, its paths checked to be the cluster's (absolute or URIs)."""
+EXAMPLES = {"storage_path": "/shared/sweeps", "trial.data.cache": "/data/cache/ne"}
+
+
+def _cluster_paths(space_file: Path, overrides: list[str]) -> None:
+    """Refuse relative paths in the file (with the overrides applied): they must be the cluster's."""
     raw = load_yaml_mapping(space_file, "sweep file")
     apply_sweep_overrides(raw, overrides)
     checks = {
@@ -76,9 +78,8 @@ def _cluster_paths(space_file: Path, overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(
                 f"{space_file}: {field}: {value!r} is relative; a submitted sweep runs on the cluster, "
                 f"where it would resolve in the job's scratch folder: give the cluster's path, e.g. "
-                f"--set {field}=/shared/sweeps" + ("" if field == "storage_path" else "/../data/cache/ne")
+                f"--set {field}={EXAMPLES[field]}"
             )
-    return raw
 
 
 def submit_sweep(
@@ -113,9 +114,9 @@ def submit_sweep(
     return SweepJob(submission_id, spec.name, "PENDING", entrypoint)
 
 
-def latest_job(name: str, address: str) -> SweepJob:
+def latest_job(name: str, address: str, client=None) -> SweepJob:
     """The newest job of sweep ``name`` on the cluster at ``address``."""
-    client = _client(address)
+    client = client or _client(address)
     jobs = [j for j in client.list_jobs() if (j.metadata or {}).get(SWEEP_KEY) == name]
     if not jobs:
         raise UserError(f"sweep {name!r}: no job of that name on the cluster at {address}")
@@ -125,14 +126,15 @@ def latest_job(name: str, address: str) -> SweepJob:
 
 
 def job_logs(name: str, address: str) -> tuple[SweepJob, str]:
-    job = latest_job(name, address)
-    return job, _client(address).get_job_logs(job.submission_id)
+    client = _client(address)
+    job = latest_job(name, address, client)
+    return job, client.get_job_logs(job.submission_id)
 
 
 def follow_logs(name: str, address: str, poll_s: float = 2.0) -> Iterator[str]:
     """The job's log as it grows, until the job ends (Jobs API polling; no websocket needed)."""
-    job = latest_job(name, address)
     client = _client(address)
+    job = latest_job(name, address, client)
     shown = 0
     while True:
         text = client.get_job_logs(job.submission_id)
@@ -150,8 +152,9 @@ def follow_logs(name: str, address: str, poll_s: float = 2.0) -> Iterator[str]:
 
 def stop_job(name: str, address: str) -> SweepJob:
     """Stop the sweep's running job. Ray ends the driver as a Ctrl-C would: resumable."""
-    job = latest_job(name, address)
+    client = _client(address)
+    job = latest_job(name, address, client)
     if job.status in ENDED:
         raise UserError(f"sweep {name!r}: its job {job.submission_id} has already ended ({job.status})")
-    _client(address).stop_job(job.submission_id)
+    client.stop_job(job.submission_id)
     return job
