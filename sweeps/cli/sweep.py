@@ -128,8 +128,7 @@ def sweep_status(
     storage: Annotated[Path | None, typer.Option(help="The sweep's storage_path.")] = None,
     address: _JobsAddress = None,
 ) -> None:
-    """Show the trials of a sweep: state, params, best metric, GPU (with --address: its job's state
-    and latest progress, from the cluster)."""
+    """Show the trials of a sweep: state, params, best metric, GPU; with --address, its job and progress."""
     if address:
         from ..driver.jobs import job_logs
 
