@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv develop demo test test-fast lint format bench bench-gpu shortcut images stack-test clean help
+.PHONY: venv develop demo test test-fast lint format bench bench-gpu shortcut images stack-test check-manifests clean help
 
 help:
 	@echo "make demo       phantoms -> lung U-Net -> cache -> the demo sweep, logged to demo-output/sweeps/mlflow.db"
@@ -20,6 +20,7 @@ help:
 	@echo "make shortcut   does the attention loss beat a shortcut? (~20 min on 2 CPU cores; docs/results.md)"
 	@echo "make images     build the stack's images (docker/build.sh: BASE_IMAGE, CA_BUNDLE, PIP_INDEX_URL ...)"
 	@echo "make stack-test the compose stack for real: build, up, a sweep with faults, export, down (Docker)"
+	@echo "make check-manifests  docker/kuberay/*.yaml against the Kubernetes and KubeRay CRD schemas (no cluster)"
 	@echo "venv: $(VENV)"
 
 $(STAMP): pyproject.toml
@@ -85,6 +86,10 @@ images:
 
 stack-test: develop
 	$(BIN)/python -m pytest tests/stack -v $(PYTEST_ARGS)
+
+# The KubeRay manifests against the Kubernetes API schemas (kubernetes-validate) and KubeRay's CRDs
+check-manifests: develop
+	$(BIN)/python -m tests.kube_schemas docker/kuberay/*.yaml
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache *.egg-info
