@@ -72,14 +72,21 @@ def _crd_validator(api_version: str, kind: str) -> jsonschema.Validator:
 
 
 @functools.cache
-def _k8s_definition_validator(version: str, definition: str) -> jsonschema.Validator:
-    """A validator for one strict Kubernetes definition, e.g. io.k8s.api.core.v1.PodTemplateSpec."""
+def _k8s_registry(version: str) -> Registry:
+    """Every strict Kubernetes definition of one release, read once (the file is several MB)."""
     (schema_version,) = {v for v in kv.all_versions() if kv.major_minor(v) == version}
     defs = kv.schema_contents(
         f"kubernetes-json-schema/v{schema_version}-local-strict/_definitions.json", version
     )
-    registry = Resource.from_contents(defs) @ Registry()
-    return jsonschema.Draft202012Validator({"$ref": f"{DEFS_URI}#/$defs/{definition}"}, registry=registry)
+    return Resource.from_contents(defs) @ Registry()
+
+
+@functools.cache
+def _k8s_definition_validator(version: str, definition: str) -> jsonschema.Validator:
+    """A validator for one strict Kubernetes definition, e.g. io.k8s.api.core.v1.PodTemplateSpec."""
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"{DEFS_URI}#/$defs/{definition}"}, registry=_k8s_registry(version)
+    )
 
 
 def _path(prefix: tuple, error: jsonschema.ValidationError) -> str:

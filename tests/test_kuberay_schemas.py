@@ -5,8 +5,6 @@ vendored KubeRay v1.7.0 CRDs (tests/fixtures/kuberay/README.md says where they c
 """
 
 import copy
-import gzip
-import json
 from pathlib import Path
 
 import pytest
@@ -40,8 +38,8 @@ def test_the_shipped_manifests_are_valid(kubernetes):
 
 def test_the_vendored_crds_are_kuberays_v1_schemas():
     for (api_version, kind), stem in kube_schemas.CRDS.items():
-        with gzip.open(kube_schemas.CRD_DIR / f"{stem}.json.gz") as fh:
-            schema = json.load(fh)
+        assert (kube_schemas.CRD_DIR / f"{stem}.json.gz").is_file(), stem
+        schema = kube_schemas.crd_schema(api_version, kind)
         assert api_version == "ray.io/v1"
         assert {"apiVersion", "kind", "metadata", "spec", "status"} <= set(schema["properties"]), kind
     cluster = kube_schemas.crd_schema("ray.io/v1", "RayCluster")["properties"]["spec"]["properties"]
@@ -50,11 +48,17 @@ def test_the_vendored_crds_are_kuberays_v1_schemas():
     assert "containers" in head and "volumes" in head
 
 
-def _set(doc: dict, path: str, value) -> dict:
+def _parent(doc: dict, path: str):
+    """The node holding the last key of a dotted path ("spec.workerGroupSpecs.0.groupName"), and that key."""
     *parents, last = path.split(".")
     node = doc
     for p in parents:
         node = node[int(p)] if isinstance(node, list) else node[p]
+    return node, last
+
+
+def _set(doc: dict, path: str, value) -> dict:
+    node, last = _parent(doc, path)
     if value is _DELETE:
         del node[last]
     else:
@@ -63,10 +67,7 @@ def _set(doc: dict, path: str, value) -> dict:
 
 
 def _rename(doc: dict, path: str, new: str) -> dict:
-    *parents, last = path.split(".")
-    node = doc
-    for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node[p]
+    node, last = _parent(doc, path)
     node[new] = node.pop(last)
     return doc
 
