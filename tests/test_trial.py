@@ -140,12 +140,14 @@ def test_divergence_is_reported(ne_cache, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def effusion_cache(tmp_path_factory):
-    """100 phantom patients, No Finding vs Effusion at 64 px: enough images to learn from in seconds."""
+    """200 phantom patients, No Finding vs Effusion at 64 px: enough images to learn from in seconds.
+    With 100, the test split's AUC after 5 epochs ranged 0.66-0.96 over seeds 0-3 and was 0.78 for
+    seed 0 on one CPU model (0.8+ on another); with 200 it was 0.987-1.0 for each seed."""
     from trainer.data.phantom import generate
     from trainer.data.sources import cache_from_phantoms
 
     root = tmp_path_factory.mktemp("learn")
-    generate(root / "phantoms", n_patients=100, classes=["No Finding", "Effusion"], size=64, seed=1)
+    generate(root / "phantoms", n_patients=200, classes=["No Finding", "Effusion"], size=64, seed=1)
     return cache_from_phantoms(root / "phantoms", root / "cache", "ne")
 
 
