@@ -360,8 +360,9 @@ def scenario(
         if mode == "ray":
             if simulated_trial.__module__ != "__main__":  # imported (the tests): workers cannot import it
                 ray.cloudpickle.register_pickle_by_value(sys.modules[simulated_trial.__module__])
-            ray.init(num_cpus=concurrent, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, object_store_memory=200 * 2**20)  # fmt: skip
+            ray.init(address="local", num_cpus=concurrent, num_gpus=0, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False,
+                     object_store_memory=200 * 2**20)  # fmt: skip
         real = trainable_module.sweep_trainable
         trainable_module.sweep_trainable = simulated_trial
         MlflowSweepCallback.after_log = staticmethod(timed)

@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             _record(
                 results["trainer"], f"trainer pair {i}", *_trainer_pair(cache, tmp, args.repeats, args.epochs)
             )
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         try:
             _sweep_pair(cache, tmp, 1, 1, -1)  # warm-up: Ray's workers, the MLflow store
             for i in range(args.pairs):

@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = cache_from_phantoms(work / "ph", work / "cache", "ne")
     storage = work / "storage"
 
-    ray.init(num_cpus=2, num_gpus=args.fake_gpus, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, num_gpus=args.fake_gpus, include_dashboard=False, log_to_driver=False
+    )
     from mlflow.tracking import MlflowClient
 
     from sweeps.tracking.store import default_tracking_uri

@@ -22,7 +22,10 @@ def verbose() -> bool:
 
 
 def init_ray(address: str | None) -> None:
-    """Start a local Ray (no dashboard), or join the cluster at ``address``."""
+    """Start a Ray of this sweep's own (no dashboard), or join the cluster at ``address`` (with no
+    ``--address``, Ray's own ``RAY_ADDRESS`` if set). ``ray.init()`` without an address would join
+    any Ray already running on this machine (another sweep, another user's job, a test suite beside
+    this one), and that Ray's end would take this sweep's trials with it."""
     import ray
 
     # JSON/CSV result files are added explicitly; no TensorBoard files (MLflow is the record)
@@ -35,8 +38,10 @@ def init_ray(address: str | None) -> None:
         logging.getLogger("ray").setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return
-    if address in (None, "", "local"):
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address in (None, ""):
+        address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)

@@ -67,7 +67,9 @@ def test_trial_workers_killed_mid_epoch_resume_from_their_checkpoints(ne_cache, 
                 kills.append(pids[0])
 
     sets = _sets(ne_cache, tmp_path, num_samples="3", max_failures="6", **{"trial.train.epochs": "6"})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     thread = threading.Thread(target=killer, daemon=True)
     try:
         thread.start()
@@ -183,6 +185,7 @@ storage_path: {tmp_path}
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     hook = "tests.reliability._inject.nan_loss_when_threshold_is_07"
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -110,7 +110,9 @@ def test_tracking_server_lost_mid_sweep_every_metric_arrives_when_it_is_back(ne_
         },
     )
     thread = threading.Thread(target=chaos, daemon=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     try:
         thread.start()
         outcome = run_sweep(ROOT / "search_spaces/demo.yaml", overrides=sets)
