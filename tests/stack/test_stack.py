@@ -498,8 +498,10 @@ def test_a_submitted_sweep_stopped_then_cut_by_a_head_restart_is_finished_by_res
     def epochs_logged() -> int:
         return sum(len(_history(stack, c["info"]["run_id"])) for c in _children(stack, name))
 
-    # long enough to be stopped, resumed and cut again before it ends: epochs take a few seconds here
-    epochs = 10
+    # long enough to be stopped, resumed and cut again before it ends. With 10 epochs a trial, one CI
+    # run (a faster CPU, other suites beside it) logged all 20 before the stop came, in the ~10 s that
+    # `status` and `stop` take from the host
+    epochs = 30
     sets = [a for k, v in sweep_sets(name, 2, epochs).items() for a in ("--set", f"{k}={v}")]
     start = time.monotonic()
     submitted = host("submit", str(ROOT / "search_spaces/demo.yaml"), "--address", address, *sets)
