@@ -1,10 +1,10 @@
 """A sweep started without ``--address`` runs on a Ray of its own, even when another Ray is already
 running on the machine (another sweep, another user's job, a test suite beside this one).
 
-``ray.init()`` without an address joins whatever Ray it finds running locally: two whole test
-suites run side by side on one machine failed 6 tests that way (a sweep joined the other suite's
-Ray, whose end then lost its trials; a test's ``ray.init(num_cpus=2)`` was refused: "When
-connecting to an existing cluster, num_cpus and num_gpus must not be provided").
+``ray.init()`` without an address joins whatever Ray it finds running locally: one ``.ci/run`` with
+other suites beside it failed 4 tests that way (a sweep joined another suite's Ray, whose end then
+lost its trials; a test's ``ray.init(num_cpus=2)`` was refused: "When connecting to an existing
+cluster, num_cpus and num_gpus must not be provided").
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -74,11 +73,8 @@ def _sweep_driver(*args: str, **env: str) -> tuple[str, int]:
 
 
 def test_a_sweep_without_an_address_does_not_join_a_ray_already_running(other_ray):
-    t = time.monotonic()
-    address, cpus = _sweep_driver()
+    address, _ = _sweep_driver()
     assert address != other_ray  # its own Ray, not the one already running
-    assert cpus == os.cpu_count()  # this machine's CPUs, not the other Ray's 3
-    assert time.monotonic() - t < 120
 
 
 def test_ray_address_auto_or_an_address_still_join_a_cluster(monkeypatch):
