@@ -142,6 +142,9 @@ def test_storage_filling_up_mid_sweep_stops_it_and_resume_finishes_it(ne_cache, 
 
         for f in fs.glob("someone-elses-*"):
             f.unlink()
+        # Ray's state as the resume finds it, kept outside the tmpfs: what to read if the resume fails
+        kept = tmp_path / "state-before-resume"
+        shutil.copytree(fs / "demo", kept, ignore=shutil.ignore_patterns("checkpoint_*", "*.pt"))
         resume = subprocess.run(
             [*CLI, "sweep", "resume", "demo", "--storage", str(fs)],
             capture_output=True,
@@ -149,7 +152,9 @@ def test_storage_filling_up_mid_sweep_stops_it_and_resume_finishes_it(ne_cache, 
             timeout=600,
         )
         assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
-        assert resume.stdout.count(" DONE ") == 4, resume.stdout[-3000:]
+        assert resume.stdout.count(" DONE ") == 4, (
+            f"Ray's state before the resume: {kept}\n{resume.stdout[-3000:]}"
+        )
         before, after = _started(output), _started(resume.stdout)
         assert before and all(after[t] == shown for t, shown in before.items() if t in after)
         assert_one_run_per_trial_and_no_duplicate_epochs(fs, 4)
