@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import pickle
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import pytest
 from sweeps.driver.failure import is_storage_full
 from sweeps.driver.storage_guard import (
     GOOD_STATE_DIR,
+    StateCutShort,
     StorageFull,
     StorageGuard,
     keep_good_state,
@@ -100,27 +102,113 @@ def test_half_written_checkpoints_newer_than_the_registered_one_are_removed(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000000", "checkpoint_000001"]
 
 
-def test_rays_state_cut_short_is_put_back_from_its_last_whole_copy(tmp_path):
-    state = tmp_path / "experiment_state-2026-12-01_10-00-00.json"
-    searcher = tmp_path / "basic-variant-state-2026-12-01_10-00-00.json"  # a pickle, named .json
-    state.write_text(json.dumps({"trial_data": [["t1", "m1"]]}))
-    searcher.write_bytes(pickle.dumps({"iterators": list(range(500))}))
-    keep_good_state(tmp_path)
-    good = {p.name for p in (tmp_path / GOOD_STATE_DIR).iterdir()}
-    assert good == {state.name, searcher.name}
-    whole_state, whole_searcher = state.read_bytes(), searcher.read_bytes()
-    state.write_bytes(whole_state[:10])  # the disk filled while Ray wrote them
-    searcher.write_bytes(whole_searcher[:40])
-    keep_good_state(tmp_path)  # a cut-short file never replaces the whole copy
-    assert repair_state(tmp_path) == sorted([searcher.name, state.name])
-    assert state.read_bytes() == whole_state and searcher.read_bytes() == whole_searcher
-    assert repair_state(tmp_path) == []  # whole files are left alone
+def _save(folder: Path, session: str, trials: int) -> tuple[Path, Path]:
+    """One of Tune's saves: the experiment state and the searcher state (a pickle, named .json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = folder / f"experiment_state-{session}.json"
+    searcher = folder / f"basic-variant-state-{session}.json"
+    state.write_text(json.dumps({"trial_data": [[f"t{i}", "m"] for i in range(trials)]}))
+    searcher.write_bytes(pickle.dumps({"generated": trials, "pad": list(range(500))}))
+    return state, searcher
+
+
+def _sync(staging: Path, storage: Path, cut: int | None = None) -> None:
+    """Tune's copy of its staging folder into storage, in place; ``cut``: the disk fills after that
+    many bytes of each file."""
+    for f in staging.iterdir():
+        data = f.read_bytes()
+        (storage / f.name).write_bytes(data if cut is None else data[:cut])
+
+
+def test_rays_state_cut_short_is_put_back_from_the_last_whole_save(tmp_path):
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    storage.mkdir()
+    state, searcher = _save(staging, "2026-12-01_10-00-00", trials=2)
+    assert keep_good_state(storage, staging)  # right after the save, before its copy into storage
+    assert {p.name for p in (storage / GOOD_STATE_DIR).iterdir()} == {state.name, searcher.name}
+    assert not keep_good_state(storage, staging)  # unchanged: not copied again
+    _sync(staging, storage)
+    whole = {f.name: f.read_bytes() for f in staging.iterdir()}
+    _save(staging, "2026-12-01_10-00-00", trials=3)  # the next save: the disk fills as it is copied
+    _sync(staging, storage, cut=10)
+    assert repair_state(storage) == sorted(whole)
+    assert {f.name: f.read_bytes() for f in storage.glob("*state-*.json")} == whole  # one whole save
+    assert repair_state(storage) == []  # whole files are left alone
+
+
+def test_a_set_is_kept_only_whole_and_a_failed_copy_leaves_the_old_set(tmp_path, monkeypatch):
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    storage.mkdir()
+    _save(staging, "s1", trials=1)
+    assert keep_good_state(storage, staging)
+    first = {p.name: p.read_bytes() for p in (storage / GOOD_STATE_DIR).iterdir()}
+    state, _ = _save(staging, "s1", trials=2)
+    state.write_bytes(state.read_bytes()[:5])  # a save that is not whole is never kept
+    assert not keep_good_state(storage, staging)
+    _save(staging, "s1", trials=3)
+    real_copy = shutil.copy2
+
+    def full_disk(src, dst, **kw):
+        if "basic-variant" in str(src):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", full_disk)
+    assert not keep_good_state(storage, staging)
+    assert {p.name: p.read_bytes() for p in (storage / GOOD_STATE_DIR).iterdir()} == first
+    assert sorted(p.name for p in storage.iterdir()) == [GOOD_STATE_DIR]  # nothing half-written
+
+
+def test_a_cut_short_save_newer_than_the_kept_set_is_set_aside(tmp_path):
+    """The kept set is from an earlier session; the newer session's files (one whole, one not) are
+    renamed, so Ray does not restore a mix of two saves."""
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    storage.mkdir()
+    _save(staging, "2026-12-01_10-00-00", trials=2)
+    keep_good_state(storage, staging)
+    _sync(staging, storage)
+    newer = tmp_path / "newer"
+    state, searcher = _save(newer, "2026-12-01_11-00-00", trials=3)
+    (storage / searcher.name).write_bytes(searcher.read_bytes())
+    (storage / state.name).write_bytes(state.read_bytes()[:7])
+    repair_state(storage)
+    assert sorted(p.name for p in storage.glob("*.cut-short")) == sorted(
+        [f"{state.name}.cut-short", f"{searcher.name}.cut-short"]
+    )
+    assert sorted(p.name for p in storage.glob("*state-*.json")) == sorted(p.name for p in staging.iterdir())
+
+
+def test_cut_short_state_without_a_whole_copy_is_refused_naming_the_file(tmp_path):
+    state, _ = _save(tmp_path, "s1", trials=4)
+    state.write_bytes(state.read_bytes()[:12])
+    with pytest.raises(
+        StateCutShort, match=rf"^{state}: Ray's state was cut short .* cannot be resumed; run it again$"
+    ):
+        repair_state(tmp_path)
+    assert state.read_bytes() and not list(tmp_path.glob("*.cut-short"))  # nothing changed
+
+
+def test_the_guard_keeps_tunes_staged_save_after_each_step(tmp_path):
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    storage.mkdir()
+    state, _ = _save(staging, "s1", trials=1)
+    guard = StorageGuard(storage, folder=storage)
+    trial = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
+    guard.on_step_end(iteration=1, trials=[trial])
+    assert (storage / GOOD_STATE_DIR / state.name).read_bytes() == state.read_bytes()
+    _save(staging, "s1", trials=2)
+    guard.on_step_end(iteration=2, trials=[trial])  # within keep_every_s of the last: not compared
+    assert (storage / GOOD_STATE_DIR / state.name).read_bytes() != state.read_bytes()
+    guard._last_keep = float("-inf")
+    guard.on_step_end(iteration=3, trials=[trial])
+    assert (storage / GOOD_STATE_DIR / state.name).read_bytes() == state.read_bytes()
 
 
 def test_ray_state_files_are_matched(tmp_path: Path):
-    names = ("experiment_state-a.json", "basic-variant-state-a.json", "searcher-state-a.pkl", "tuner.pkl")
+    names = ("experiment_state-a.json", "basic-variant-state-a.json", "searcher-state-a.pkl")
+    names += ("callback-states-a.pkl", "tuner.pkl")
     for name in names:
         (tmp_path / name).write_bytes(pickle.dumps({"x": 1}))
     keep_good_state(tmp_path)
     kept = sorted(p.name for p in (tmp_path / GOOD_STATE_DIR).iterdir())
-    assert kept == sorted(names[:3])  # Ray's state files; the tuner (written once, at the start) is not
+    assert kept == sorted(names[:4])  # Ray's state files; the tuner (written once, at the start) is not

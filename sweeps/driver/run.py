@@ -240,8 +240,16 @@ def resume_sweep(
     if driver_alive(spec):
         raise ConfigError(f"sweep {spec.name!r} is running now (its driver is alive): wait, or stop it first")
     if not spec.remote_storage:
-        from .storage_guard import repair_state
+        from .storage_guard import StateCutShort, repair_state
 
-        for name in repair_state(Path(sweep_dir(spec))):
-            print(f"{name} was cut short (its disk filled while Ray wrote it): restored its last whole copy")
+        try:
+            restored = repair_state(Path(sweep_dir(spec)))
+        except StateCutShort as e:
+            raise ConfigError(str(e)) from None
+        if restored:
+            saved = ", ".join(restored)
+            print(
+                "Ray's state was cut short (its disk filled while Ray wrote it): "
+                f"restored its last whole save ({saved})"
+            )
     return _execute(spec, space_file=space_file, address=address, restore=True, watch=watch)

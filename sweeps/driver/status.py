@@ -47,8 +47,11 @@ def mark_driver(spec: SweepSpec, state: str) -> None:
         return
     record = {"state": state, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
     tmp = folder / f".{DRIVER_FILE}.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(folder / DRIVER_FILE)
+    try:
+        tmp.write_text(json.dumps(record))
+        tmp.replace(folder / DRIVER_FILE)
+    finally:  # a full disk: the old record stays, and no empty temporary file beside it
+        tmp.unlink(missing_ok=True)
 
 
 def driver_alive(spec: SweepSpec) -> bool:

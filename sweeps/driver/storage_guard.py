@@ -15,10 +15,14 @@ and the ``sweep resume`` command. Checkpoint folders that a failed copy left hal
 registered with Ray, so never restored from) are removed. Nothing is deleted from a sweep that
 stopped this way: its checkpoints are what the resume continues from.
 
-Ray writes its experiment state into storage in place (not to a temporary file first): a disk that
-fills while it writes leaves it truncated, and Ray cannot restore from it. Before each of Tune's
-state saves the guard keeps a copy of the state files that are whole (:data:`GOOD_STATE_DIR`);
-:func:`repair_state`, run by ``sweep resume``, puts a truncated one back from that copy.
+Tune saves its experiment state into a staging folder on the driver, then copies it into storage
+in place (not to a temporary file first): a disk that fills during that copy leaves a state file
+truncated, and Ray cannot restore from it. After each of Tune's saves the guard keeps the whole set
+of state files of that save (from the staging folder: experiment, searcher and callback state, all
+of one save) in :data:`GOOD_STATE_DIR`, written beside the old set and swapped in by renames, so a
+copy cut short leaves the previous set. :func:`repair_state`, run by ``sweep resume``, puts that set
+back when a state file in storage is not whole, and refuses (one line naming the file) when no
+whole set was kept: a resume from cut-short state would run part of the sweep.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import pickletools
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from ray.tune import Callback
 __all__ = [
     "GOOD_STATE_DIR",
     "RESERVE_MB",
+    "StateCutShort",
     "StorageFull",
     "StorageGuard",
     "keep_good_state",
@@ -47,11 +53,15 @@ __all__ = [
 
 RESERVE_MB = float(os.environ.get("CXR_STORAGE_RESERVE_MB", "32"))
 GOOD_STATE_DIR = ".state-last-good"  # in the sweep folder: the last whole copy of Ray's state files
-_STATE_GLOBS = ("experiment_state-*.json", "*-state-*.json", "*-state-*.pkl", "searcher-state-*.pkl")
+_STATE_GLOBS = ("experiment_state-*.json", "*-state-*.json", "*-state-*.pkl", "callback-states-*.pkl")
 
 
 class StorageFull(OSError):
     """The sweep's storage ran out of space (raised where Tune's stop signal cannot be used)."""
+
+
+class StateCutShort(ValueError):
+    """Ray's state in storage is not whole and no whole copy of it was kept: it cannot be resumed."""
 
 
 def _size(path: Path) -> int:
@@ -81,42 +91,82 @@ def _state_files(folder: Path) -> list[Path]:
     return sorted({p for pattern in _STATE_GLOBS for p in folder.glob(pattern) if p.is_file()})
 
 
-def keep_good_state(folder: Path) -> None:
-    """Copy Ray's state files in ``folder`` that are whole (and changed) into :data:`GOOD_STATE_DIR`
-    (temporary file, then rename; a failed copy leaves the previous one)."""
+def _same(a: Path, b: Path) -> bool:
+    """Whether ``b`` is the copy of ``a`` (:func:`shutil.copy2` keeps the modification time)."""
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return sa.st_mtime_ns == sb.st_mtime_ns and sa.st_size == sb.st_size
+
+
+def keep_good_state(folder: Path, source: Path | None = None) -> bool:
+    """Keep the set of Ray's state files in ``source`` (Tune's staging folder; default ``folder``)
+    in ``folder``/:data:`GOOD_STATE_DIR`, if every one of them is whole and one changed since the
+    set kept last. The new set is written beside the old one and swapped in by renames: a copy that
+    fails (a full disk) leaves the old set. Returns whether a new set was kept."""
+    folder = Path(folder)
+    files = _state_files(Path(source) if source is not None else folder)
     good = folder / GOOD_STATE_DIR
-    for path in _state_files(folder):
-        kept = good / path.name
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            if (
-                kept.exists()
-                and kept.stat().st_mtime_ns == st.st_mtime_ns
-                and kept.stat().st_size == st.st_size
-            ):
-                continue
-            if not _whole(path):
-                continue
-            good.mkdir(exist_ok=True)
-            tmp = good / f".{path.name}.tmp"
-            try:
-                shutil.copy2(path, tmp)
-                os.replace(tmp, kept)
-            finally:
-                tmp.unlink(missing_ok=True)
+    kept = {p.name for p in _state_files(good)} if good.is_dir() else set()
+    if not files or ({p.name for p in files} == kept and all(_same(p, good / p.name) for p in files)):
+        return False
+    if not all(_whole(p) for p in files):
+        return False
+    new, old = folder / f"{GOOD_STATE_DIR}.new", folder / f"{GOOD_STATE_DIR}.old"
+    try:
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir()
+        for path in files:
+            shutil.copy2(path, new / path.name)
+        if not all(_same(p, new / p.name) for p in files):  # one changed while it was copied
+            raise OSError(f"{source or folder}: Ray's state changed while it was copied")
+        shutil.rmtree(old, ignore_errors=True)
+        if good.exists():
+            os.replace(good, old)
+        os.replace(new, good)
+    except OSError:
+        if not good.exists() and old.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, good)
+        return False
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def repair_state(folder: Path) -> list[str]:
-    """Put back, from :data:`GOOD_STATE_DIR`, each of Ray's state files in ``folder`` that is not
-    whole (a disk that filled while Ray wrote it). Returns the names put back."""
-    good = Path(folder) / GOOD_STATE_DIR
-    repaired = []
-    for kept in _state_files(good):
-        live = Path(folder) / kept.name
-        if not _whole(live) and _whole(kept):
-            shutil.copy2(kept, live)
-            repaired.append(kept.name)
-    return repaired
+    """If one of Ray's state files in ``folder`` is not whole (a disk that filled while Ray wrote
+    it), put back the last whole set from :data:`GOOD_STATE_DIR`; state files newer than that set
+    and not in it (the save that was cut short) are renamed ``*.cut-short``, so Ray restores one
+    consistent save. Returns the names put back (none: every file was whole).
+
+    Raises :class:`StateCutShort`, naming the file, when a state file is not whole and no whole
+    set was kept."""
+    folder = Path(folder)
+    live = _state_files(folder)
+    broken = [p for p in live if not _whole(p)]
+    if not broken:
+        return []
+    good = folder / GOOD_STATE_DIR
+    kept = _state_files(good) if good.is_dir() else []
+    if not kept or not all(_whole(k) for k in kept):
+        raise StateCutShort(
+            f"{broken[0]}: Ray's state was cut short (its disk filled, or the driver stopped, while "
+            f"Ray wrote it) and no whole copy of it was kept in {good}: the sweep cannot be resumed; "
+            "run it again"
+        )
+    newest = max(k.stat().st_mtime_ns for k in kept)
+    names = {k.name for k in kept}
+    for path in live:
+        if path.name not in names and (path in broken or path.stat().st_mtime_ns > newest):
+            os.replace(path, path.with_name(path.name + ".cut-short"))
+    for k in kept:
+        tmp = folder / f".{k.name}.tmp"
+        shutil.copy2(k, tmp)
+        os.replace(tmp, folder / k.name)
+    return sorted(names)
 
 
 class StorageGuard(Callback):
@@ -138,6 +188,8 @@ class StorageGuard(Callback):
         self.largest_checkpoint = 0
         self.on_full = on_full
         self.full: str | None = None
+        self.keep_every_s = 0.5  # how often the kept state is compared with Tune's last save
+        self._last_keep = float("-inf")
 
     # -- the free space ---------------------------------------------------------------------------
     def reserve_bytes(self) -> float:
@@ -191,10 +243,15 @@ class StorageGuard(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._check(f" (trial {trial.trial_id} failed writing to it)")
 
-    def get_state(self) -> None:
-        """Tune is about to save its state (and write it into storage): keep the whole copy first."""
-        if self.folder is not None:
-            keep_good_state(self.folder)
+    def on_step_end(self, iteration, trials, **info) -> None:
+        """Tune saves its state (to the staging folder) within a step: keep that save's set."""
+        if self.folder is None or time.monotonic() - self._last_keep < self.keep_every_s:
+            return
+        self._last_keep = time.monotonic()
+        source = None
+        with contextlib.suppress(AttributeError, IndexError):  # Tune's staging folder for this driver
+            source = Path(trials[0].storage.experiment_driver_staging_path)
+        keep_good_state(self.folder, source if source is not None and source.is_dir() else None)
 
     def on_experiment_end(self, trials, **info) -> None:
         if self.full is not None:

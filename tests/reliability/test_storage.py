@@ -134,6 +134,7 @@ def test_storage_filling_up_mid_sweep_stops_it_and_resume_finishes_it(ne_cache, 
         assert last.startswith(f"error: sweep 'demo' stopped: storage_path {fs} is full"), output[-3000:]
         assert f"`cxr-sweep sweep resume demo --storage {fs}`" in last
         assert "Traceback" not in output, output[-3000:]
+        assert not list((fs / "demo").glob(".*.tmp"))  # no temporary file left half-written
         checkpoints = sorted((fs / "demo").glob("*/checkpoint_*"))
         assert checkpoints  # kept for the resume
         for ckpt in checkpoints:  # none half-written: every file of every checkpoint loads
