@@ -24,7 +24,14 @@ compilation, is recorded as ``compile_s``. ``--fused`` adds ``soft_fused`` and `
 the trainer's ``train.compile_attention`` path, where only the attention term's elementwise tail
 (CAM, region masks, loss) is compiled into a few kernels. ``--input-grad`` adds ``input_grad``:
 mode ``input_grad``, whose term differentiates log p(label) w.r.t. the input with a graph (a
-double backward through the whole network, not the head only).
+double backward through the whole network, not the head only). ``--previous-layer`` adds
+``energy_lsm`` (mode ``energy``, ``cam_score: log_softmax``: the shortcut benchmark's
+``energy-lsm``) and, with ``attention.layer: previous`` (the CAM one stage earlier, at twice the
+resolution), ``soft_prev``, ``paper_prev`` and ``energy_lsm_prev``: what taking the CAM earlier
+costs per step, against the same modes at the last layer.
+
+    python benchmarks/step_time.py --previous-layer --only resnet18 resnet50 pvt_v2_b2_li \
+        --out benchmarks/results/step_time_previous_layer_cpu.json
 """
 
 from __future__ import annotations
@@ -74,6 +81,11 @@ _ATTENTION = {
 }
 _ATTENTION |= {f"{k}_fused": _ATTENTION[k] for k in ("soft", "paper")}  # train.compile_attention
 _ATTENTION["input_grad"] = ({"lambda": 0.5, "mode": "input_grad"}, 0.5)  # double backward to the input
+_ATTENTION["energy_lsm"] = ({"lambda": 0.5, "mode": "energy", "cam_score": "log_softmax"}, 0.5)
+_ATTENTION |= {  # attention.layer: previous (one stage earlier)
+    f"{k}_prev": ({**_ATTENTION[k][0], "layer": "previous"}, 0.5) for k in ("soft", "paper", "energy_lsm")
+}
+PREVIOUS_LAYER_KINDS = ["energy_lsm", "soft_prev", "paper_prev", "energy_lsm_prev"]
 
 
 class StepCase:
@@ -88,6 +100,7 @@ class StepCase:
         compile: bool = False,
         fused: bool = False,
         input_grad: bool = False,
+        previous_layer: bool = False,
     ) -> None:
         torch.manual_seed(0)
         self.device = torch.device(device)
@@ -121,6 +134,8 @@ class StepCase:
             self.kinds += ["soft_fused", "paper_fused"]
         if input_grad:
             self.kinds.append("input_grad")
+        if previous_layer:
+            self.kinds += PREVIOUS_LAYER_KINDS
 
     def step(self, kind: str) -> float:
         """Seconds for one optimisation step of ``kind`` (device synchronised)."""
@@ -172,8 +187,9 @@ def bench_case(
     compile: bool = False,
     fused: bool = False,
     input_grad: bool = False,
+    previous_layer: bool = False,
 ) -> dict:
-    case = StepCase(name, size, batch, device, compile, fused, input_grad)
+    case = StepCase(name, size, batch, device, compile, fused, input_grad, previous_layer)
     first: dict[str, float] = {}
     for _ in range(warmup):
         for kind in case.kinds:
@@ -206,6 +222,11 @@ def bench_case(
     }
     if compile or fused:  # the first compiled step of each kind: compilation (and its one step)
         out["compile_s"] = {k: first[k] for k in case.kinds if k.endswith(("_compiled", "_fused"))}
+    if previous_layer:  # the earlier CAM's cost over the same mode at the last layer, paired by round
+        out["ratio_paired_prev_over_last"] = {
+            k: statistics.median(t / c for t, c in zip(times[f"{k}_prev"], times[k], strict=True))
+            for k in ("soft", "paper", "energy_lsm")
+        }
     if compile:
         out["compiled_ratio_over_eager"] = {k: med[f"{k}_compiled"] / med[k] for k in ("ce", "soft", "paper")}
     if case.device.type == "cuda":
@@ -274,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants (see above)")
     ap.add_argument("--fused", action="store_true", help="add soft_fused / paper_fused (see above)")
     ap.add_argument("--input-grad", action="store_true", help="add input_grad (mode input_grad's step)")
+    ap.add_argument(
+        "--previous-layer", action="store_true", help="add energy_lsm and the attention.layer=previous steps"
+    )
     args = ap.parse_args(argv)
     if args.threads:  # 1 keeps ratios stable on a machine shared with other jobs (no OpenMP spin-waits)
         torch.set_num_threads(args.threads)
@@ -291,7 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, size, batch in cases:
         r = bench_case(
-            name, size, batch, repeats, warmup, args.device, args.compile, args.fused, args.input_grad
+            name,
+            size,
+            batch,
+            repeats,
+            warmup,
+            args.device,
+            args.compile,
+            args.fused,
+            args.input_grad,
+            args.previous_layer,
         )
         results.append(r)
         med = r["median_s"]

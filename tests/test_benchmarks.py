@@ -176,6 +176,16 @@ def test_step_time_input_grad_variant(tmp_path):
     assert r["median_s"]["input_grad"] > 0 and "ratio_paired_input_grad_over_ce" in r
 
 
+def test_step_time_previous_layer_variants(tmp_path):
+    import step_time
+
+    out = tmp_path / "st.json"
+    assert step_time.main(["--smoke", "--previous-layer", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(step_time.PREVIOUS_LAYER_KINDS) <= set(r["median_s"])
+    assert set(r["ratio_paired_prev_over_last"]) == {"soft", "paper", "energy_lsm"}
+
+
 def test_outside_cost_smoke(tmp_path):
     import outside_cost
 
