@@ -4,7 +4,7 @@ import timm
 import torch
 
 from trainer.backbones import create_backbone
-from trainer.cam import grad_cam, has_head_shortcut
+from trainer.cam import cam_from_parts, grad_cam, has_head_shortcut
 from trainer.metrics import cam_in_region, pointing_hits
 
 
@@ -256,3 +256,35 @@ def test_the_previous_layer_is_differentiable_in_training_and_plain_in_evaluatio
     with torch.no_grad():
         plain, cams = grad_cams(model.eval(), x, [torch.tensor([1, 0])], layer="previous")
     assert not plain.requires_grad and not cams[0].requires_grad and cams[0].shape == (2, 1, 64, 64)
+
+
+def test_the_previous_layer_trains_a_transformer_through_plain_attention():
+    """A differentiable mode at ``layer="previous"`` on PVT differentiates the last stage twice:
+    PyTorch's fused attention kernels have no second derivative (``derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``), so that stage
+    runs timm's plain attention for the step, and is fused again after it."""
+    from trainer.cam import grad_cam_parts, previous_stage
+
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=2).train()
+    fused = [m for m in model.stages[3].modules() if getattr(m, "fused_attn", None) is not None]
+    assert fused and all(m.fused_attn for m in fused)  # timm's default here
+    earlier = [m for m in previous_stage(model).modules() if getattr(m, "fused_attn", None) is not None]
+    seen = {}
+
+    def record(where):
+        def hook(module, _args):
+            seen.setdefault(where, module.fused_attn)
+
+        return hook
+
+    for where, m in (("earlier", earlier[0]), ("last", fused[0])):
+        m.register_forward_pre_hook(record(where))
+    x = torch.randn(2, 3, 64, 64)
+    logits, fmap, weights = grad_cam_parts(model, x, torch.tensor([1, 0]), layer="previous")
+    assert seen == {"earlier": True, "last": False}  # only the stage after the CAM's runs plain
+    cam = cam_from_parts(fmap, weights, (64, 64))
+    (cam.mean() + logits.sum()).backward()  # the second derivative through stages.3's attention
+    grads = [p.grad for p in model.stages[3].parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(m.fused_attn for m in fused)  # fused again after the step

@@ -27,11 +27,16 @@ generic path (tested; the head is piecewise linear, so its ReLU masks carry no d
 ``stages.2``, VGG the ReLU before its last pool). The activation is caught by a forward hook in
 the same forward pass and the channel weights are the gradient through the last stage and the
 head: a second-order graph through that stage when training (dearer than the head-only one of the
-last layer), a first-order one from that stage on in evaluation.
+last layer), a first-order one from that stage on in evaluation. PyTorch's fused attention kernels
+(``scaled_dot_product_attention``: flash, memory-efficient) have no second derivative, so for that
+forward the attention blocks after the stage (PVT's last stage) take timm's plain path
+(``fused_attn = False``: the same attention in matmuls and a softmax).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -227,9 +232,11 @@ def _previous_stage_parts(model, images, targets, create_graph: bool, score: str
         seen["a"] = out
         return out
 
-    hook = previous_stage(model).register_forward_hook(catch)
+    stage = previous_stage(model)
+    hook = stage.register_forward_hook(catch)
+    plain = _plain_attention_after(model, stage) if create_graph else contextlib.nullcontext()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), plain:
             logits = model.forward_head(model.forward_features(images))  # (B, K)
     finally:
         hook.remove()
@@ -246,6 +253,26 @@ def _previous_stage_parts(model, images, targets, create_graph: bool, score: str
             weights = grads.mean(dim=(2, 3))  # (B, C)
             out.append((logits if outer_grad else logits.detach(), act, weights))
     return out
+
+
+@contextlib.contextmanager
+def _plain_attention_after(model: nn.Module, stage: nn.Module) -> Iterator[None]:
+    """timm's attention blocks registered after ``stage`` (not in it) compute attention in plain
+    ops, which have a second derivative, for the duration: the fused kernels have none."""
+    names = [n for n, m in model.named_modules() if m is stage]
+    switched = []
+    after = False
+    for name, module in model.named_modules():
+        if name == names[0]:
+            after = True
+        elif after and not name.startswith(names[0] + ".") and getattr(module, "fused_attn", False) is True:
+            module.fused_attn = False
+            switched.append(module)
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.fused_attn = True
 
 
 def _channel_weights(model, mlp, head_w, feats, target, create_graph: bool, score: str):
