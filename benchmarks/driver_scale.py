@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_URI = os.environ.get("CXR_TEST_POSTGRES_URI", "postgresql://cxr_test:cxr_test@127.0.0.1:5432/cxr_test")
 PROFILE: Path | None = None  # --profile: the driver's cProfile stats of the last scenario go there
 PERIOD = 1.0  # seconds between a simulated trial's reports (set from --period before the sweep)
+TUNE_VALUES = "scheduling"  # what a simulated trial sends Tune as numbers: as the product does, or "all"
 EPOCH_NAMES: list[str] = []  # the per-epoch metric names of a real trial (set in main)
 FINAL_NAMES: list[str] = []
 
@@ -66,6 +67,16 @@ def simulated_trial(config: dict, spec: dict) -> None:
 
     import ray
     from ray import tune
+
+    from sweeps.driver.trainable import scheduling_keys
+    from sweeps.reports import pack
+    from sweeps.space import SweepSpec
+
+    keep = scheduling_keys(SweepSpec.model_validate(spec))
+
+    def send(values: dict, folder: Path) -> None:  # as the real trainable reports (or everything)
+        values = pack(values, keep) if TUNE_VALUES == "scheduling" else values
+        tune.report(values, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     epochs = int(spec["trial"]["train"]["epochs"])
     rng = random.Random(tune.get_context().get_trial_id())
@@ -92,7 +103,7 @@ def simulated_trial(config: dict, spec: dict) -> None:
             "sent_at": time.time(),
             **info,
         }
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(d)))
+        send(report, d)
     final = scratch / "final"
     (final / "plots").mkdir(parents=True)
     (final / "plots" / "confusion_matrix.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2048))
@@ -102,7 +113,7 @@ def simulated_trial(config: dict, spec: dict) -> None:
     summary = {k: rng.random() for k in FINAL_NAMES}
     summary |= {"val_f1_macro": best, "best_epoch": epochs - 1, "epochs_run": epochs, "epochs_done": epochs}
     summary |= {"data_access": "synthetic", "trial_done": 1, "sent_at": time.time(), **info}
-    tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(final)))
+    send(summary, final)
 
 
 # ---- the stores -----------------------------------------------------------------------------------
@@ -418,6 +429,8 @@ def scenario(
             "mode": mode,
             "store": store,
             "writers": writers,  # the callback's writer threads; 0: every hook in Tune's thread
+            # ray: what the trials sent Tune as numbers (scheduling: the product's; all: before)
+            "tune_values": TUNE_VALUES if mode == "ray" else None,
             "concurrent": concurrent,
             "trials": n_trials,
             "epochs": epochs,
@@ -491,7 +504,7 @@ def _names() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global PERIOD, PROFILE
+    global PERIOD, PROFILE, TUNE_VALUES
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stores", default="sqlite,server")
     ap.add_argument("--concurrent", default="16,64", help="trials at once, comma-separated")
@@ -505,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         "--mode", default="ray", help="ray (simulated trials through Tune), replay (the callback alone)"
     )
     ap.add_argument("--period", type=float, default=1.0, help="seconds between a trial's reports")
+    ap.add_argument(
+        "--tune-values",
+        default="scheduling",
+        help="ray: what trials send Tune as numbers, per scenario: scheduling (as shipped), all (before)",
+    )
     ap.add_argument(
         "--restart-at", type=float, default=0.0, help="crash the server this many s in (10 s down)"
     )
@@ -529,15 +547,28 @@ def main(argv: list[str] | None = None) -> int:
         cache = cache_from_phantoms(tmp / "phantoms", tmp / "cache" / "ne", "ne")
         stores, widths = args.stores.split(","), [int(c) for c in args.concurrent.split(",")]
         writers, modes = args.writers.split(","), args.mode.split(",")
+        values = args.tune_values.split(",")
         plan = [
-            (s, c, args.trials or c, w, m) for m in modes for s in stores for c in widths for w in writers
+            (s, c, args.trials or c, w, m, v)
+            for m in modes
+            for s in stores
+            for c in widths
+            for w in writers
+            for v in (values if m == "ray" else values[:1])
         ]
         if args.long:
-            plan += [(s, max(widths), args.long, w, m) for m in modes for s in stores for w in writers]
-        for i, (store, concurrent, trials, w, m) in enumerate(plan):
+            plan += [
+                (s, max(widths), args.long, w, m, v)
+                for m in modes
+                for s in stores
+                for w in writers
+                for v in (values if m == "ray" else values[:1])
+            ]
+        for i, (store, concurrent, trials, w, m, v) in enumerate(plan):
             work = tmp / f"s{i}"
             work.mkdir()
             restart = args.restart_at if store == "server" else 0.0
+            TUNE_VALUES = v
             row = scenario(store, concurrent, trials, args.epochs, cache, work, w, m, restart)
             print(json.dumps(row), flush=True)
             scenarios.append(row)

@@ -179,6 +179,15 @@ def test_status_and_resume_of_a_finished_sweep(ne_cache, tmp_path):
     status = runner.invoke(app, ["sweep", "status", "demo", "--storage", str(tmp_path)])
     assert status.exit_code == 0, status.output
     assert status.output.count("DONE") == 2
+    # Tune tracks only the values it schedules on (per trial, the sweep long); MLflow gets them all
+    from sweeps.driver.status import saved_trials
+
+    _, _, children = _runs(tmp_path, "demo")
+    for trial in saved_trials(str(tmp_path / "demo")):
+        tracked = set(trial.run_metadata.metric_analysis)
+        assert {k for k in tracked if k.startswith(("val_", "test_", "train_"))} == {"val_f1_macro"}, tracked
+        assert {"best_val_f1_macro", "epochs_done"} <= tracked
+    assert all({"val_auc", "train_loss", "test_f1_macro"} <= set(c.data.metrics) for c in children)
     resumed = runner.invoke(app, ["sweep", "resume", "demo", "--storage", str(tmp_path)])
     assert resumed.exit_code == 0, resumed.output
     _, parents, children = _runs(tmp_path, "demo")

@@ -8,6 +8,9 @@ the driver's MLflow callback turns them into tags.
 With ``repeats: k`` a trial trains k seeds in lockstep (:mod:`trainer.repeats`): each epoch's
 report is the mean over seeds (what the searcher and ASHA see), with every seed's own report in
 ``seeds``; the checkpoint holds one folder per seed (``seed_<i>/``), and so does the final one.
+
+Tune gets as numbers only the values it schedules on (:func:`scheduling_keys`); the rest of each
+report travels packed (:mod:`sweeps.reports`), so Tune's per-trial metric records stay small.
 """
 
 from __future__ import annotations
@@ -20,11 +23,29 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..reports import pack
 from ..space import FINAL_KEY, SweepSpec, trial_config_for
 
-__all__ = ["sweep_trainable"]
+__all__ = ["scheduling_keys", "sweep_trainable"]
 
 FINAL_SUMMARY = "final_summary.json"  # in the final checkpoint: that last report, to replay it
+
+
+def scheduling_keys(sweep: SweepSpec) -> frozenset[str]:
+    """The reported numbers Tune reads as numbers: the objectives (scheduler, searcher), their
+    best so far, and what ``sweep status`` and the progress lines show. The rest is packed."""
+    objectives = sweep.all_metrics
+    shown = ("epoch", "epochs_done", "epoch_time_s", "best_epoch", "repeats", "best_seed", FINAL_KEY)
+    asha = "last_epoch"  # trainer.loop.LAST_EPOCH (not imported: it imports PyTorch): FinishingASHA's
+    return frozenset([*objectives, *(f"best_{m}" for m in objectives), *shown, asha])
+
+
+def _report(sweep: SweepSpec, values: dict[str, Any], checkpoint_dir: Path) -> None:
+    from ray import tune
+
+    tune.report(
+        pack(values, scheduling_keys(sweep)), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir))
+    )
 
 
 def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -59,14 +80,11 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
                 # The trial had finished, but the driver died before its experiment state said so:
                 # Ray restores it from its final checkpoint. Replay the final report; train nothing.
                 summary = json.loads((resume_dir / FINAL_SUMMARY).read_text())
-                tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(resume_dir)))
+                _report(sweep, summary, resume_dir)
                 return
 
         def report(metrics: dict[str, float], epoch: int, checkpoint_dir: Path) -> None:
-            tune.report(
-                {**metrics, "epochs_done": epoch + 1, **info},
-                checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)),
-            )
+            _report(sweep, {**metrics, "epochs_done": epoch + 1, **info}, checkpoint_dir)
 
         result = run_trial(cfg, report=report, resume_from=resume_dir)
         # The final report: summaries, the best model, and the files the driver uploads to MLflow.
@@ -84,7 +102,7 @@ def sweep_trainable(config: dict[str, Any], spec: dict[str, Any]) -> None:
             }
         )
         (final_dir / FINAL_SUMMARY).write_text(json.dumps(summary))
-        tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(final_dir)))
+        _report(sweep, summary, final_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -127,7 +145,6 @@ def best_seed(seeds: list[dict[str, float]], metric: str, mode: str) -> int:
 def _repeated(sweep: SweepSpec, cfg, scratch: Path, info: dict[str, str], checkpoint) -> None:
     """A configuration trained with ``sweep.repeats`` seeds in lockstep (:mod:`trainer.repeats`):
     Tune sees the mean over seeds every epoch; each seed's own reports travel under ``seeds``."""
-    from ray import tune
 
     from trainer.repeats import mean_report, run_repeats, seed_configs, seed_summary
 
@@ -137,17 +154,15 @@ def _repeated(sweep: SweepSpec, cfg, scratch: Path, info: dict[str, str], checkp
         resume_dir = Path(checkpoint.to_directory(str(scratch / "checkpoint")))
         if (resume_dir / FINAL_SUMMARY).is_file():  # finished before the driver died: replay
             summary = json.loads((resume_dir / FINAL_SUMMARY).read_text())
-            tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(resume_dir)))
+            _report(sweep, summary, resume_dir)
             return
         starts = [d if (d := resume_dir / f"seed_{i}").is_dir() else None for i in range(len(cfgs))]
     previous: list[Path] = []
 
     def report(reports: list[dict[str, float]], epoch: int, dirs: list[Path]) -> None:
         snap = _snapshot(dirs, scratch / "snapshots" / f"epoch_{epoch}")
-        tune.report(
-            {**mean_report(reports), "epoch": epoch, "epochs_done": epoch + 1, "seeds": reports, **info},
-            checkpoint=tune.Checkpoint.from_directory(str(snap)),
-        )
+        values = {**mean_report(reports), "epoch": epoch, "epochs_done": epoch + 1, **info}
+        _report(sweep, {**values, "seeds": reports}, snap)
         for old in previous:  # stored by now: tune.report persists a checkpoint before it returns
             shutil.rmtree(old, ignore_errors=True)
         previous[:] = [snap]
@@ -175,4 +190,4 @@ def _repeated(sweep: SweepSpec, cfg, scratch: Path, info: dict[str, str], checkp
         **info,
     }
     (final_dir / FINAL_SUMMARY).write_text(json.dumps(summary))
-    tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(final_dir)))
+    _report(sweep, summary, final_dir)

@@ -19,6 +19,7 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from ..reports import unpack
 from ..space import FINAL_KEY, SweepSpec, searched_values, trial_config_for
 from .parent import INTERRUPTED_TAG
 from .runs import (
@@ -223,7 +224,7 @@ class MlflowSweepCallback(Callback):
         self.writer.submit("_trial_start", trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.writer.submit("_trial_result", trial, dict(result))
+        self.writer.submit("_trial_result", trial, unpack(result))  # every value the trial reported
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.writer.submit("_trial_complete", trial)
@@ -350,7 +351,7 @@ class MlflowSweepCallback(Callback):
         # a replay after the store went away mid-request: the summary may be stored already (one batch,
         # all or nothing); logging it again would double every value in the run's history
         stored = "best_epoch" in run.data.metrics
-        last = trial.last_result or {}
+        last = unpack(trial.last_result or {})
         seeds = last.get("seeds") or []
         for i, seed_result in enumerate(seeds):  # seeds first: their configuration's run ends last
             seed_run = self._seed_run(trial, i)
