@@ -17,7 +17,10 @@ def test_loader_benchmark_smoke(tmp_path):
     result = mod.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["setup"]["images"] > 0 and result["prepare_images_per_s"] > 0
-    assert result["epoch_load_s"]["source_png"] > result["epoch_load_s"]["cache"] > 0
+    # every figure, not their order: at smoke sizes (6 patients, 128-px sources) one epoch takes ~20-30 ms
+    # either way, and another job on the same cores flipped it (0.0198 s PNG vs 0.0318 s cache).
+    # The speed-up itself is checked on the committed run below.
+    assert result["epoch_load_s"]["source_png"] > 0 and result["epoch_load_s"]["cache"] > 0
     assert result["epoch_load_s"]["cache_with_masks"] > 0 and result["mask_free_speedup"] > 0
     assert 0 < result["load_share_of_step"] < 1
 
