@@ -125,8 +125,12 @@ def test_node_lost_mid_sweep_trials_continue_from_their_checkpoints(two_gpu_node
             after = next(x for x in lines if x["node_id"] != lost)
             # resumed from the last checkpoint Tune registered: its last report's, or the one before
             # when the node died between the report and Tune's save of its checkpoint (a second call
-            # to the trial's actor); never from epoch 0
-            assert before >= 1 and after["epoch"] in (before, before + 1), (before, after["epoch"])
+            # to the trial's actor). Never from scratch once the driver had an epoch after the first:
+            # the trigger counts checkpoint folders, which the worker writes before the driver has the
+            # result, so the lost node's last result the driver saw can be epoch 0 (CI, beside another
+            # suite: (0, 1), resumed after epoch 0's checkpoint)
+            assert after["epoch"] in (before, before + 1), (before, after["epoch"])
+            assert after["epoch"] >= 1 or before == 0, (before, after["epoch"])
             assert lines[-1].get("trial_done") == 1
     assert affected >= 1
     assert not list(tmp_path.glob(".cxr-storage-check-*"))  # the shared-storage probe cleaned up
