@@ -548,22 +548,15 @@ def main(argv: list[str] | None = None) -> int:
         stores, widths = args.stores.split(","), [int(c) for c in args.concurrent.split(",")]
         writers, modes = args.writers.split(","), args.mode.split(",")
         values = args.tune_values.split(",")
+        sizes = [(c, args.trials or c) for c in widths] + ([(max(widths), args.long)] if args.long else [])
         plan = [
-            (s, c, args.trials or c, w, m, v)
+            (s, c, n, w, m, v)
             for m in modes
             for s in stores
-            for c in widths
+            for c, n in sizes
             for w in writers
-            for v in (values if m == "ray" else values[:1])
+            for v in (values if m == "ray" else values[:1])  # a replay sends Tune nothing
         ]
-        if args.long:
-            plan += [
-                (s, max(widths), args.long, w, m, v)
-                for m in modes
-                for s in stores
-                for w in writers
-                for v in (values if m == "ray" else values[:1])
-            ]
         for i, (store, concurrent, trials, w, m, v) in enumerate(plan):
             work = tmp / f"s{i}"
             work.mkdir()

@@ -259,13 +259,12 @@ def _previous_stage_parts(model, images, targets, create_graph: bool, score: str
 def _plain_attention_after(model: nn.Module, stage: nn.Module) -> Iterator[None]:
     """timm's attention blocks registered after ``stage`` (not in it) compute attention in plain
     ops, which have a second derivative, for the duration: the fused kernels have none."""
-    names = [n for n, m in model.named_modules() if m is stage]
     switched = []
-    after = False
+    inside: str | None = None  # the stage's name prefix, once it is passed
     for name, module in model.named_modules():
-        if name == names[0]:
-            after = True
-        elif after and not name.startswith(names[0] + ".") and getattr(module, "fused_attn", False) is True:
+        if module is stage:
+            inside = name + "."
+        elif inside and not name.startswith(inside) and getattr(module, "fused_attn", False) is True:
             module.fused_attn = False
             switched.append(module)
     try:
