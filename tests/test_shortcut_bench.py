@@ -123,7 +123,7 @@ def test_shortcut_smoke_selects_on_validation_and_writes_everything(tmp_path):
         assert row["test_outside_dependence"] >= abs(row["test_outside_evidence"]) - 1e-9
 
 
-@pytest.mark.parametrize("run", ["shortcut_cpu", "shortcut_decision_cpu"])
+@pytest.mark.parametrize("run", ["shortcut_cpu", "shortcut_decision_cpu", "shortcut_prev_cpu"])
 def test_docs_results_show_the_committed_benchmark_tables(run):
     """docs/results.md carries the tables of the committed runs verbatim (no hand-edited figures)."""
     import shortcut
