@@ -192,5 +192,17 @@ def test_status_and_resume_of_a_finished_sweep(ne_cache, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     _, parents, children = _runs(tmp_path, "demo")
     assert len(parents) == 1 and len(children) == 2  # nothing re-run, no duplicate runs
+    # the resumed Tuner runs this driver's callbacks, not the copies Ray pickled with the experiment
+    # (the driver reads its storage guard's `full` and settles its tracking writer)
+    from ray import tune
+
+    from sweeps.driver.checkpoints import MissingCheckpoints
+    from sweeps.driver.tuner import build_tuner
+    from sweeps.space import load_saved_spec
+
+    mine = tune.Callback()
+    spec, _ = load_saved_spec("demo", tmp_path)
+    running = build_tuner(spec, [mine], restore=True)._local_tuner.get_run_config().callbacks
+    assert mine in running and isinstance(running[0], MissingCheckpoints), running
     missing = runner.invoke(app, ["sweep", "status", "nope", "--storage", str(tmp_path)])
     assert missing.exit_code == 2 and "no sweep 'nope'" in missing.output

@@ -56,6 +56,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool, warm=None):
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
 
+    from .checkpoints import MissingCheckpoints
     from .scheduler import FinishingASHA
     from .trainable import sweep_trainable
 
@@ -63,13 +64,18 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool, warm=None):
         tune.with_parameters(sweep_trainable, spec=spec.model_dump()),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
+    callbacks = [MissingCheckpoints(), *callbacks, JsonLoggerCallback(), CSVLoggerCallback()]
     if restore:
         # The random/grid space holds functions (λ's conditional draw) that Ray saved as placeholders:
         # trials not yet started when the driver died need the same space given back to resolve them.
         space = None if by_optuna(spec) else ray_param_space(spec)
-        return tune.Tuner.restore(
+        tuner = tune.Tuner.restore(
             sweep_dir(spec), trainable=trainable, resume_errored=True, param_space=space
         )
+        # Ray brings back the callbacks pickled with the experiment: copies of the first driver's,
+        # not the ones this driver reads (the storage guard's `full`, the tracking writer it settles)
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner
     epochs = int(spec.trial["train"]["epochs"])
     if spec.scheduler.type == "asha":
         # ASHA stops a trial once it reaches max_t; one beyond the last epoch lets a trial that
@@ -100,7 +106,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool, warm=None):
             storage_path=spec.storage_path,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[*callbacks, JsonLoggerCallback(), CSVLoggerCallback()],
+            callbacks=callbacks,
             verbose=0,
         ),
     )
