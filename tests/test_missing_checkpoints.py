@@ -17,7 +17,7 @@ import pytest
 
 from sweeps.driver import checkpoints
 from sweeps.driver.checkpoints import MissingCheckpoints, whole_checkpoint
-from sweeps.driver.storage_guard import _state_files
+from sweeps.driver.storage_guard import state_files
 
 
 def _write_checkpoint(folder: Path, n: int) -> None:
@@ -86,7 +86,7 @@ def test_a_resumed_trial_whose_named_checkpoint_was_deleted_continues_from_its_n
             if snap.exists() or ckpt is None or not ckpt.path.endswith("checkpoint_000002"):
                 return
             snap.mkdir()
-            for path in _state_files(Path(trials[0].storage.experiment_driver_staging_path)):
+            for path in state_files(Path(trials[0].storage.experiment_driver_staging_path)):
                 shutil.copy2(path, snap / path.name)
 
     tune.Tuner(
@@ -109,7 +109,7 @@ def test_a_resumed_trial_whose_named_checkpoint_was_deleted_continues_from_its_n
     assert snap.is_dir(), "no step saw checkpoint_000002 as the latest"
     # the driver "died" at that step: its state names checkpoint_000002 (deleted since), and the
     # copy of checkpoint_000008 to storage was cut short
-    for path in _state_files(exp):
+    for path in state_files(exp):
         path.unlink()
     for path in snap.iterdir():
         shutil.copy2(path, exp / path.name)

@@ -64,7 +64,6 @@ def continue_from_newest(trial: Any) -> Path | None:
     """If ``trial``'s latest checkpoint is missing from local storage, make the newest whole
     checkpoint folder of the trial its latest one (and remove newer folders that are not whole).
     Returns that folder; None where nothing was changed."""
-    from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
 
     storage = getattr(trial, "storage", None)
@@ -99,8 +98,9 @@ def continue_from_newest(trial: Any) -> Path | None:
         metrics["training_iteration"] += _index(found) - named
     # the missing ones leave Ray's list first: Ray would otherwise try (and fail) to delete them
     manager._checkpoint_results = [r for r in manager._checkpoint_results if Path(r.checkpoint.path).exists()]
+    # a result of Ray's own type (its _TrainingResult): a checkpoint and the metrics reported with it
     manager.register_checkpoint(
-        _TrainingResult(checkpoint=Checkpoint(str(found), latest.filesystem), metrics=metrics)
+        type(result)(checkpoint=Checkpoint(str(found), latest.filesystem), metrics=metrics)
     )
     storage.current_checkpoint_index = _index(found)  # the next checkpoint is written after it
     trial.invalidate_json_state()

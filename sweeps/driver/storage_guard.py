@@ -49,6 +49,7 @@ __all__ = [
     "keep_good_state",
     "remove_unregistered_checkpoints",
     "repair_state",
+    "state_files",
 ]
 
 RESERVE_MB = float(os.environ.get("CXR_STORAGE_RESERVE_MB", "32"))
@@ -87,7 +88,8 @@ def _whole(path: Path) -> bool:
         return False
 
 
-def _state_files(folder: Path) -> list[Path]:
+def state_files(folder: Path) -> list[Path]:
+    """Ray's experiment state files in ``folder``: experiment, searcher and callback state."""
     return sorted({p for pattern in _STATE_GLOBS for p in folder.glob(pattern) if p.is_file()})
 
 
@@ -106,9 +108,9 @@ def keep_good_state(folder: Path, source: Path | None = None) -> bool:
     set kept last. The new set is written beside the old one and swapped in by renames: a copy that
     fails (a full disk) leaves the old set. Returns whether a new set was kept."""
     folder = Path(folder)
-    files = _state_files(Path(source) if source is not None else folder)
+    files = state_files(Path(source) if source is not None else folder)
     good = folder / GOOD_STATE_DIR
-    kept = {p.name for p in _state_files(good)} if good.is_dir() else set()
+    kept = {p.name for p in state_files(good)} if good.is_dir() else set()
     if not files or ({p.name for p in files} == kept and all(_same(p, good / p.name) for p in files)):
         return False
     if not all(_whole(p) for p in files):
@@ -145,12 +147,12 @@ def repair_state(folder: Path) -> list[str]:
     Raises :class:`StateCutShort`, naming the file, when a state file is not whole and no whole
     set was kept."""
     folder = Path(folder)
-    live = _state_files(folder)
+    live = state_files(folder)
     broken = [p for p in live if not _whole(p)]
     if not broken:
         return []
     good = folder / GOOD_STATE_DIR
-    kept = _state_files(good) if good.is_dir() else []
+    kept = state_files(good) if good.is_dir() else []
     if not kept or not all(_whole(k) for k in kept):
         raise StateCutShort(
             f"{broken[0]}: Ray's state was cut short (its disk filled, or the driver stopped, while "
