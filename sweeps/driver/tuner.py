@@ -73,8 +73,10 @@ def build_tuner(spec: SweepSpec, callbacks: list, restore: bool, warm=None):
             sweep_dir(spec), trainable=trainable, resume_errored=True, param_space=space
         )
         # Ray brings back the callbacks pickled with the experiment: copies of the first driver's,
-        # not the ones this driver reads (the storage guard's `full`, the tracking writer it settles)
-        tuner._local_tuner.get_run_config().callbacks = callbacks
+        # not the ones this driver reads (the storage guard's `full`, the tracking writer it settles).
+        # Through Ray Client (ray://) the Tuner runs remotely and keeps the pickled ones.
+        if getattr(tuner, "_local_tuner", None) is not None:
+            tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
     epochs = int(spec.trial["train"]["epochs"])
     if spec.scheduler.type == "asha":
