@@ -170,3 +170,15 @@ def assert_one_run_per_trial_and_no_duplicate_epochs(storage: Path, n_trials: in
     for r in children:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
         assert len(steps) == len(set(steps)), f"epoch logged twice in {r.info.run_name}: {sorted(steps)}"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray of the test module's own (2 CPUs): ``address="local"``, never another suite's Ray."""
+    import ray
+
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
+    yield
+    ray.shutdown()

@@ -13,8 +13,6 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import pytest
-
 from sweeps.driver import checkpoints
 from sweeps.driver.checkpoints import MissingCheckpoints, whole_checkpoint
 from sweeps.driver.storage_guard import state_files
@@ -42,17 +40,6 @@ def test_a_checkpoint_is_whole_only_with_complete_archives_and_json(tmp_path):
     assert not whole_checkpoint(bad_json)
     (tmp_path / "empty").mkdir()
     assert not whole_checkpoint(tmp_path / "empty")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(
-        address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
-    yield
-    ray.shutdown()
 
 
 def test_a_resumed_trial_whose_named_checkpoint_was_deleted_continues_from_its_newest(

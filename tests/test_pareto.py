@@ -149,17 +149,6 @@ def test_a_list_of_metrics_makes_objectives_the_first_is_the_metric():
     assert again.all_metrics == spec.all_metrics and again.all_modes == spec.all_modes
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_a_two_objective_sweep_through_the_cli(local_ray, nep_cache, tmp_path):
     from ray.tune.search.optuna import OptunaSearch

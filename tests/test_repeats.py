@@ -115,17 +115,6 @@ def test_an_interval_stays_in_the_metric_range():
 
 
 # ---- the whole path through the CLI: a sweep with repeats and a CE baseline, compare, report --ci ----
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
-    yield
-    ray.shutdown()
-
-
 def _metric_steps(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
