@@ -120,7 +120,6 @@ class MissingCheckpoints(Callback):
 
     def __init__(self) -> None:
         self.done = False
-        self.moved: dict[str, str] = {}  # trial id -> the checkpoint folder it continues from
 
     # pickled with the experiment (Tuner.restore brings the callbacks back): a restored one looks again
     def __getstate__(self) -> dict:
@@ -136,6 +135,4 @@ class MissingCheckpoints(Callback):
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 continue
-            found = continue_from_newest(trial)
-            if found is not None:
-                self.moved[trial.trial_id] = found.name
+            continue_from_newest(trial)
