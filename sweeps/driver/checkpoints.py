@@ -31,16 +31,33 @@ from typing import Any
 
 from ray.tune import Callback
 
-__all__ = ["MissingCheckpoints", "continue_from_newest", "whole_checkpoint"]
+__all__ = [
+    "MissingCheckpoints",
+    "checkpoint_index",
+    "continue_from_newest",
+    "local_checkpoints",
+    "whole_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
 
-def _index(path: Path) -> int | None:
+def checkpoint_index(path: Path) -> int | None:
+    """The index of Ray's checkpoint folder ``path`` (``checkpoint_000007``: 7); None for another name."""
     try:
         return int(path.name.split("_")[-1]) if path.name.startswith("checkpoint_") else None
     except ValueError:
         return None
+
+
+def local_checkpoints(trial: Any) -> list[Path] | None:
+    """The trial's checkpoint folders on storage, oldest first; None where its storage is not a local
+    (or shared) filesystem, such as S3, whose folders the driver does not list."""
+    storage = getattr(trial, "storage", None)
+    if storage is None or type(storage.storage_filesystem).__name__ != "LocalFileSystem":
+        return None
+    found = (p for p in Path(storage.trial_fs_path).glob("checkpoint_*") if checkpoint_index(p) is not None)
+    return sorted(found, key=checkpoint_index)
 
 
 def whole_checkpoint(folder: Path) -> bool:
@@ -66,22 +83,19 @@ def continue_from_newest(trial: Any) -> Path | None:
     Returns that folder; None where nothing was changed."""
     from ray.tune import Checkpoint
 
-    storage = getattr(trial, "storage", None)
     latest = trial.checkpoint
-    if storage is None or latest is None or type(storage.storage_filesystem).__name__ != "LocalFileSystem":
+    if latest is None or Path(latest.path).exists():
         return None
-    if Path(latest.path).exists():
+    folders = local_checkpoints(trial)
+    if folders is None:
         return None
-    named = _index(Path(latest.path))
-    folders = sorted(
-        (p for p in Path(storage.trial_fs_path).glob("checkpoint_*") if _index(p) is not None), key=_index
-    )
+    named = checkpoint_index(Path(latest.path))
     found = None
     for folder in reversed(folders):
         if whole_checkpoint(folder):
             found = folder
             break
-    if found is None or named is None or _index(found) < named:
+    if found is None or named is None or checkpoint_index(found) < named:
         log.warning(
             "trial %s: its last checkpoint %s is missing and no newer whole one is on storage",
             trial.trial_id,
@@ -89,20 +103,22 @@ def continue_from_newest(trial: Any) -> Path | None:
         )
         return None
     for folder in folders:
-        if _index(folder) > _index(found):
+        if checkpoint_index(folder) > checkpoint_index(found):
             shutil.rmtree(folder, ignore_errors=True)
     manager = trial.run_metadata.checkpoint_manager
     result = manager.latest_checkpoint_result
     metrics = dict(result.metrics)
     if "training_iteration" in metrics:
-        metrics["training_iteration"] += _index(found) - named
+        metrics["training_iteration"] += checkpoint_index(found) - named
     # the missing ones leave Ray's list first: Ray would otherwise try (and fail) to delete them
     manager._checkpoint_results = [r for r in manager._checkpoint_results if Path(r.checkpoint.path).exists()]
     # a result of Ray's own type (its _TrainingResult): a checkpoint and the metrics reported with it
     manager.register_checkpoint(
         type(result)(checkpoint=Checkpoint(str(found), latest.filesystem), metrics=metrics)
     )
-    storage.current_checkpoint_index = _index(found)  # the next checkpoint is written after it
+    trial.storage.current_checkpoint_index = checkpoint_index(
+        found
+    )  # the next checkpoint is written after it
     trial.invalidate_json_state()
     trial.run_metadata.invalidate_cache()
     log.warning(

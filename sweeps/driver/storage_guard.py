@@ -265,19 +265,14 @@ def remove_unregistered_checkpoints(trial: Any) -> list[Path]:
     """Remove the trial's ``checkpoint_*`` folders newer than the last one Ray registered: a copy
     to storage that failed midway leaves one half-written (Ray never restores from it, and the
     resumed trial writes that index again). Returns the folders removed."""
-    storage = getattr(trial, "storage", None)
-    if storage is None or type(storage.storage_filesystem).__name__ != "LocalFileSystem":
-        return []
-    folder = Path(storage.trial_fs_path)
+    from .checkpoints import checkpoint_index, local_checkpoints
+
+    folders = local_checkpoints(trial)
     latest = trial.checkpoint  # the last registered checkpoint (None: none yet)
-    keep = int(Path(latest.path).name.split("_")[-1]) if latest is not None else -1
-    removed = []
-    for path in sorted(folder.glob("checkpoint_*")):
-        try:
-            index = int(path.name.split("_")[-1])
-        except ValueError:
-            continue
-        if index > keep:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    keep = checkpoint_index(Path(latest.path)) if latest is not None else -1
+    if folders is None or keep is None:
+        return []
+    removed = [path for path in folders if checkpoint_index(path) > keep]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
     return removed
